@@ -1,0 +1,5 @@
+"""Pure mathematics: reference implementations (the specification) with no transformers or Triton import."""
+
+from hf_sparse_attn.ops.r_softmax import RSoftmax, r_softmax
+
+__all__ = ["RSoftmax", "r_softmax"]
