@@ -52,8 +52,8 @@ def valid_keys(
         rows = torch.arange(query_length, device=device)[:, None]
         cols = torch.arange(key_length, device=device)[None, :]
         return cols <= rows + offset  # (T, S)
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
+    if not attention_mask.is_floating_point():
+        return attention_mask.bool()
     # additive float mask: 0 where allowed, a very negative number (finfo.min or -inf) where masked
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
