@@ -90,7 +90,9 @@ def main() -> None:
                 "median_ms": round(median, 3),
                 "p20_ms": round(quantiles[1], 3),
                 "p80_ms": round(quantiles[7], 3),
-                "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+                "peak_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                if device.type == "cuda"
+                else None,
                 "baseline": "sdpa",
                 "speedup_vs_baseline": round(baseline / median, 3),
             }
@@ -108,8 +110,10 @@ def main() -> None:
     print(f"# {result['device']} | torch {result['torch']} | transformers {result['transformers']}")
     print(f"{'provider':<16}{'median ms':>12}{'p20 ms':>10}{'p80 ms':>10}{'vs sdpa':>10}")
     for r in records:
-        print(f"{r['provider']:<16}{r['median_ms']:>12.2f}{r['p20_ms']:>10.2f}{r['p80_ms']:>10.2f}"
-              f"{r['speedup_vs_baseline']:>9.2f}x")
+        print(
+            f"{r['provider']:<16}{r['median_ms']:>12.2f}{r['p20_ms']:>10.2f}{r['p80_ms']:>10.2f}"
+            f"{r['speedup_vs_baseline']:>9.2f}x"
+        )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = f"patched_forward-{result['device'].split('-')[0]}-{dt.date.today().isoformat()}.json"
     (args.out_dir / name).write_text(json.dumps(result, indent=2) + "\n")

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -22,9 +22,9 @@ CONFIG_KEY = "hf_sparse_attn"
 HEAD_NAMES = ("softmax", "sigsoftmax", "mos", "moss", "plif")
 
 #: One layer's rate: ``None`` keeps softmax, a float in [0, 1], or one float per attention head.
-LayerRate = Union[None, float, list[float]]
+LayerRate = None | float | list[float]
 #: What ``sparsity=`` accepts: one rate for every layer, one per layer, or ``{layer_index: rate}``.
-Sparsity = Union[None, float, torch.Tensor, Sequence[Any], Mapping[int, Any]]
+Sparsity = None | float | torch.Tensor | Sequence[Any] | Mapping[int, Any]
 
 _SPARSITY_HELP = (
     "a float in [0, 1], None (keep softmax), a per-layer list of those (an entry may also be a per-head list or "
@@ -42,7 +42,9 @@ def _check_rate(value: Any, where: str) -> LayerRate:
         elif value.dim() == 1:
             value = value.tolist()
         else:
-            raise ValueError(f"{where}: a per-head rate must be a 1-D tensor [num_heads], got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{where}: a per-head rate must be a 1-D tensor [num_heads], got shape {tuple(value.shape)}"
+            )
     if isinstance(value, bool) or not isinstance(value, (Real, list, tuple)):
         raise TypeError(f"{where} must be {_SPARSITY_HELP}; got {type(value).__name__} {value!r}")
     if isinstance(value, (list, tuple)):

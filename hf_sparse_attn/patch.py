@@ -164,7 +164,7 @@ def _check_per_head(rates: list, model: nn.Module) -> None:
 
 
 def _set_rates(modules: list[nn.Module], rates: list, eps: float) -> None:
-    for module, rate in zip(modules, rates):
+    for module, rate in zip(modules, rates, strict=True):
         setattr(module, attention.RATE_ATTR, torch.tensor(rate) if isinstance(rate, list) else rate)
         setattr(module, attention.EPS_ATTR, eps)
 
@@ -195,9 +195,7 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _load_tensors(model: nn.Module, path: str | os.PathLike, names: list[str], kwargs: dict[str, Any]) -> None:
     """Read ``names`` from the checkpoint's safetensors file(s) into ``model``."""
     hub = _hub_kwargs(kwargs)
-    index_file = cached_file(
-        path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub
-    )
+    index_file = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
     if index_file is not None:
         with open(index_file) as f:
             weight_map = json.load(f)["weight_map"]

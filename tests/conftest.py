@@ -15,10 +15,17 @@ transformers.logging.set_verbosity_error()
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_BERT = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99,
-    max_position_embeddings=64, type_vocab_size=2,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    vocab_size=99,
+    max_position_embeddings=64,
+    type_vocab_size=2,
 )
-TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+TINY_GPT2 = dict(
+    n_layer=2, n_head=4, n_embd=32, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=2
+)
 
 #: model_type -> (config class, config kwargs)
 TINY_CONFIGS = {

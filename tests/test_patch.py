@@ -160,7 +160,9 @@ def test_generate_with_kv_cache_matches_full_recomputation():
 
 
 def test_attention_dropout_applies_in_training_only(batch):
-    model = hf_sparse_attn.patch_model(tiny_model(transformers.BertModel, attention_probs_dropout_prob=0.5), sparsity=0.5)
+    model = hf_sparse_attn.patch_model(
+        tiny_model(transformers.BertModel, attention_probs_dropout_prob=0.5), sparsity=0.5
+    )
     eval_out = run(model, batch).last_hidden_state
     torch.testing.assert_close(run(model, batch).last_hidden_state, eval_out)
     model.train()
@@ -183,29 +185,59 @@ def test_gradients_flow_through_patched_attention(batch):
         (lambda: hf_sparse_attn.patch_model(nn.Linear(2, 2), sparsity=0.5), TypeError, "transformers PreTrainedModel"),
         (
             lambda: hf_sparse_attn.patch_model(
-                transformers.DistilBertModel(transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37)),
+                transformers.DistilBertModel(
+                    transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37)
+                ),
                 sparsity=0.5,
             ),
             ValueError,
             "supported model types: " + ", ".join(sorted(ARCHITECTURES)),
         ),
         (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=1.2), ValueError, r"\[0, 1\]"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=[0.1] * 3), ValueError,
-         "2 layers, got 3"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity={7: 0.1}), ValueError,
-         "layer index 7 does not exist"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=[[0.1, 0.2], None]),
-         ValueError, "one value per attention head"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertForSequenceClassification), head="moss"),
-         ValueError, "needs a model with an LM head"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.GPT2LMHeadModel), head="top-k"), ValueError,
-         "head must be None or one of"),
-        (lambda: hf_sparse_attn.patch_model(tiny_model(transformers.GPT2LMHeadModel), mixtures=3), TypeError,
-         "unexpected option"),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=[0.1] * 3),
+            ValueError,
+            "2 layers, got 3",
+        ),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity={7: 0.1}),
+            ValueError,
+            "layer index 7 does not exist",
+        ),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=[[0.1, 0.2], None]),
+            ValueError,
+            "one value per attention head",
+        ),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.BertForSequenceClassification), head="moss"),
+            ValueError,
+            "needs a model with an LM head",
+        ),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.GPT2LMHeadModel), head="top-k"),
+            ValueError,
+            "head must be None or one of",
+        ),
+        (
+            lambda: hf_sparse_attn.patch_model(tiny_model(transformers.GPT2LMHeadModel), mixtures=3),
+            TypeError,
+            "unexpected option",
+        ),
         (lambda: hf_sparse_attn.set_sparsity(tiny_model(transformers.BertModel), 0.5), ValueError, "not patched"),
     ],
-    ids=["not-a-model", "unsupported", "rate-range", "list-length", "layer-index", "per-head-length",
-         "head-on-classifier", "unknown-head", "unknown-option", "set-unpatched"],
+    ids=[
+        "not-a-model",
+        "unsupported",
+        "rate-range",
+        "list-length",
+        "layer-index",
+        "per-head-length",
+        "head-on-classifier",
+        "unknown-head",
+        "unknown-option",
+        "set-unpatched",
+    ],
 )
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
@@ -234,7 +266,11 @@ class TestPretrainedMiniLM:
     def loaded(self, minilm_path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
         model = transformers.AutoModel.from_pretrained(minilm_path).eval()
-        sentences = ["Sparse attention keeps only the keys that matter.", "A short one.", "Padding must be ignored here."]
+        sentences = [
+            "Sparse attention keeps only the keys that matter.",
+            "A short one.",
+            "Padding must be ignored here.",
+        ]
         batch = tokenizer(sentences, padding=True, return_tensors="pt")
         return model, dict(batch)
 
