@@ -19,7 +19,7 @@ from torch import nn
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
-from hf_sparse_attn import attention, heads
+from hf_sparse_attn import attention, heads, hub
 from hf_sparse_attn.architectures import self_attention_modules
 from hf_sparse_attn.config import CONFIG_KEY, PatchConfig, Sparsity, layer_rates
 
@@ -78,6 +78,7 @@ def patch_model(model: nn.Module, sparsity: Sparsity = None, head: str | None = 
     if isinstance(output_layer, nn.Linear):
         _swap_head(model, output_layer, config)
     setattr(model.config, CONFIG_KEY, config.to_dict())
+    hub.bind_push_to_hub(model)  # so model.push_to_hub(...) uploads our model card with the weights
     return model
 
 
@@ -110,6 +111,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     output_layer = model.get_output_embeddings()
     if isinstance(output_layer, nn.Linear):
         _replace_module(model, output_layer, heads.restore_linear(output_layer))
+    hub.unbind_push_to_hub(model)
     model.set_attn_implementation(getattr(model, _ORIGINAL_IMPL_ATTR))
     delattr(model, _ORIGINAL_IMPL_ATTR)
     if hasattr(model, "_hf_sparse_attn_head"):
