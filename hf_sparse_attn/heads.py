@@ -91,9 +91,10 @@ class SigSoftmaxHead(_LogProbHead):
 
     Examples::
 
-        >>> head = SigSoftmaxHead(model.lm_head)
-        >>> model.lm_head = head
-        >>> log_probs = model(input_ids).logits  # [B, T, V], logsumexp over V == 0
+        >>> head = SigSoftmaxHead(nn.Linear(8, 11))  # e.g. SigSoftmaxHead(model.lm_head)
+        >>> log_probs = head(torch.randn(2, 3, 8))  # [B, T, V]
+        >>> bool(log_probs.logsumexp(-1).abs().max() < 1e-5)
+        True
     """
 
     head_name = "sigsoftmax"
@@ -140,7 +141,11 @@ class MonotonicHead(_LogProbHead):
 
     Examples::
 
-        >>> model.lm_head = MonotonicHead(model.lm_head, num_knots=1000, knot_range=20.0)
+        >>> linear = nn.Linear(8, 11)
+        >>> head = MonotonicHead(linear, num_knots=1000, knot_range=20.0)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(head(x), linear(x).log_softmax(-1), atol=1e-5)  # the identity at init
+        True
     """
 
     head_name = "plif"
@@ -213,7 +218,9 @@ class MixtureHead(_LogProbHead):
 
     Examples::
 
-        >>> model.lm_head = MixtureHead(model.lm_head, num_mixtures=4, component="sigsoftmax")  # MoSS
+        >>> head = MixtureHead(nn.Linear(8, 11, bias=False), num_mixtures=4, component="sigsoftmax")  # MoSS
+        >>> sum(p.numel() for p in head.extra.parameters())  # K*D*D + K*D
+        288
     """
 
     def __init__(self, linear: nn.Linear, num_mixtures: int = 2, component: str = "softmax") -> None:
@@ -266,9 +273,13 @@ def build_head(
 
     Examples::
 
-        >>> model.lm_head = build_head("moss", model.lm_head, num_mixtures=4)
-        >>> model.lm_head = build_head("plif", model.lm_head, num_knots=1000, knot_range=20.0)  # replaces MoSS
-        >>> model.lm_head = build_head("softmax", model.lm_head)  # plain nn.Linear again
+        >>> lm_head = nn.Linear(8, 11, bias=False)  # e.g. model.get_output_embeddings()
+        >>> head = build_head("moss", lm_head, num_mixtures=4)
+        >>> head = build_head("plif", head, num_knots=100)  # replaces MoSS
+        >>> type(head).__name__, head.weight is lm_head.weight
+        ('MonotonicHead', True)
+        >>> type(build_head("softmax", head)) is nn.Linear
+        True
     """
     if name not in HEAD_NAMES:
         raise ValueError(f"head must be one of {', '.join(map(repr, HEAD_NAMES))}; got {name!r}")
@@ -297,7 +308,10 @@ def restore_linear(module: nn.Linear) -> nn.Linear:
 
     Examples::
 
-        >>> model.lm_head = restore_linear(model.lm_head)
+        >>> lm_head = nn.Linear(8, 11)
+        >>> restored = restore_linear(build_head("mos", lm_head))
+        >>> type(restored) is nn.Linear, restored.weight is lm_head.weight, restored.bias is lm_head.bias
+        (True, True, True)
     """
     if not isinstance(module, nn.Linear):
         raise TypeError(f"module must be an nn.Linear (an LM head); got {type(module).__name__}")

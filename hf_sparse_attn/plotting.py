@@ -1,0 +1,125 @@
+"""``hf-sparse-attn plot``: training curves from a Trainer output dir -- loss, evaluation metrics, per-layer sparsity.
+
+Reads ``trainer_state.json`` (its ``log_history``) from the output dir, or from its latest ``checkpoint-*`` folder
+when the run has not finished, and draws up to three panels into a PNG: training and evaluation loss; the other
+evaluation metrics (accuracy, F1, ...); and the measured fraction of zero attention weights of every layer
+(``sparsity/layer_<i>``, logged by :class:`~hf_sparse_attn.training.SparsityLoggingCallback`).
+
+Examples::
+
+    $ hf-sparse-attn plot out                     # writes out/training.png
+    $ hf-sparse-attn plot out --out docs/images/training.png --title "MiniLM on SST-2, r = 0.5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+#: per-step quantities that are timing or bookkeeping, not training curves
+_NOT_METRICS = re.compile(r"(_runtime|_per_second|_preparation_time|_flos)$|^eval_loss$|^epoch$|^step$")
+_SPARSITY_LAYER = re.compile(r"^sparsity/layer_(\d+)$")
+
+
+def find_trainer_state(path: str | os.PathLike) -> Path:
+    """``trainer_state.json`` of a Trainer output dir (``path`` itself if it is that file), else the one of the
+    checkpoint with the highest step; ``ValueError`` if there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    checkpoints = [p for p in path.glob(f"checkpoint-*/{STATE_FILE}") if p.parent.name.split("-")[-1].isdigit()]
+    if not checkpoints:
+        raise ValueError(f"{path}: no {STATE_FILE} in it or in a checkpoint-* folder; is it a Trainer output dir?")
+    return max(checkpoints, key=lambda p: int(p.parent.name.split("-")[-1]))
+
+
+def series(log_history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    """The ``(steps, values)`` of ``key`` over the log entries that carry it."""
+    entries = [entry for entry in log_history if key in entry and "step" in entry]
+    return [entry["step"] for entry in entries], [float(entry[key]) for entry in entries]
+
+
+def plot_log_history(log_history: Sequence[dict], out: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw loss, evaluation metrics and per-layer sparsity (whichever are logged) side by side into the PNG ``out``.
+
+    Examples::
+
+        >>> history = json.load(open("out/trainer_state.json"))["log_history"]
+        >>> plot_log_history(history, "training.png")
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    keys = {key for entry in log_history for key in entry}
+    loss_keys = [k for k in ("loss", "eval_loss") if k in keys]
+    metric_keys = sorted(k for k in keys if k.startswith("eval_") and not _NOT_METRICS.search(k))
+    layer_keys = sorted((k for k in keys if _SPARSITY_LAYER.match(k)), key=lambda k: int(_SPARSITY_LAYER.match(k)[1]))
+    panels = [p for p in (("loss", loss_keys), ("evaluation", metric_keys), ("sparsity", layer_keys)) if p[1]]
+    if not panels:
+        raise ValueError("log_history holds no loss, evaluation metric or sparsity values to plot")
+
+    figure = Figure(figsize=(4.6 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, panel_keys) in zip(axes, panels):
+        if name == "sparsity":
+            _draw_sparsity(ax, log_history, panel_keys)
+        else:
+            for key in panel_keys:
+                _line(ax, *series(log_history, key), label=_label(key))
+            ax.set_title("loss" if name == "loss" else "evaluation metrics")
+            ax.legend(fontsize="small")
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    return out
+
+
+def _draw_sparsity(ax, log_history: Sequence[dict], layer_keys: list[str]) -> None:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    for index, key in enumerate(layer_keys):
+        color = cmap(index / max(1, len(layer_keys) - 1) * 0.9)
+        _line(ax, *series(log_history, key), color=color, label=f"layer {_SPARSITY_LAYER.match(key)[1]}")
+    ax.set_title("zero attention weights (fraction of valid keys)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="x-small", ncol=2 if len(layer_keys) > 6 else 1)
+
+
+def _line(ax, steps: list[int], values: list[float], **style) -> None:
+    """A curve; markers show the individual logs of short runs."""
+    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, **style)
+
+
+def _label(key: str) -> str:
+    return {"loss": "train loss", "eval_loss": "eval loss"}.get(key, key.removeprefix("eval_"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="Trainer output dir (or a checkpoint-* dir, or a trainer_state.json)")
+    parser.add_argument("--out", default=None, help="PNG to write (default: <output_dir>/training.png)")
+    parser.add_argument("--title", default=None, help="figure title")
+
+
+def run(args: argparse.Namespace) -> int:
+    state = find_trainer_state(args.output_dir)
+    with open(state) as f:
+        log_history = json.load(f)["log_history"]
+    default = Path(args.output_dir) if Path(args.output_dir).is_dir() else state.parent
+    out = plot_log_history(log_history, args.out or default / "training.png", title=args.title)
+    print(f"wrote {out} (from {state})")
+    return 0

@@ -1,0 +1,121 @@
+"""``hf-sparse-attn demo`` end to end (quick mode) and the shipped sentiment set it trains on."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hf_sparse_attn import cli, demo, from_pretrained, get_patch_config
+
+
+def _rows() -> list[dict[str, str]]:
+    text = resources.files("hf_sparse_attn").joinpath("data", "sentiment.tsv").read_text(encoding="utf-8")
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def test_dataset_columns_and_labels():
+    rows = _rows()
+    assert list(rows[0]) == ["sentence", "label", "split"]
+    assert {row["label"] for row in rows} == {"0", "1"}
+    assert {row["split"] for row in rows} == {"train", "test"}
+    assert all(5 <= len(row["sentence"].split()) <= 25 for row in rows)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_dataset_split_is_balanced(split):
+    sentences, labels = demo.load_sentiment(split)
+    assert len(sentences) == len(labels) >= (250 if split == "train" else 80)
+    assert labels.count(0) == labels.count(1)
+
+
+def test_dataset_has_no_duplicates_and_no_train_test_overlap():
+    def norm(sentence: str) -> str:  # also catches copies differing only in case, spacing or punctuation
+        return " ".join(re.sub(r"[^\w\s]", "", sentence.lower()).split())
+
+    train = [norm(s) for s in demo.load_sentiment("train")[0]]
+    test = [norm(s) for s in demo.load_sentiment("test")[0]]
+    assert len(set(train)) == len(train)
+    assert len(set(test)) == len(test)
+    assert not set(train) & set(test)
+
+
+def test_load_sentiment_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split must be one of"):
+        demo.load_sentiment("validation")
+
+
+def test_render_attention_marks_exact_zeros_and_scales_per_row():
+    weights = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.05, 0.3, 0.65]])
+    lines = demo.render_attention(["[CLS]", "hi", "[SEP]"], weights).splitlines()
+    assert lines[0].split() == ["0", "1", "2"]
+    # ramp ".:-=+*#%@": 0.05 / 0.65 = 0.08 is in (0, 1/9] -> "."; 0.3 / 0.65 = 0.46 is in (4/9, 5/9] -> "+"
+    assert [line.split()[2:] for line in lines[1:]] == [["@", "@", "·"], ["·", "@", "·"], [".", "+", "@"]]
+    assert [line.split()[1] for line in lines[1:]] == ["[CLS]", "hi", "[SEP]"]
+
+
+def test_render_attention_rejects_mismatched_shape():
+    with pytest.raises(ValueError, match="shape"):
+        demo.render_attention(["a", "b"], torch.ones(3, 3) / 3)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "half"])
+def test_cli_rejects_bad_sparsity(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--sparsity", value])
+    assert "--sparsity" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick_run(minilm_path, tmp_path_factory) -> tuple[str, Path]:
+    """Output of one ``demo --quick`` run (sparsity 0.6, saving the model), shared by the tests below."""
+    out_dir = tmp_path_factory.mktemp("demo") / "model"
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        status = cli.main(["demo", "--quick", "--sparsity", "0.6", "--seed", "1", "--output-dir", str(out_dir)])
+    assert status == 0
+    return capture.getvalue(), out_dir
+
+
+def test_demo_prints_sparsity_near_rate_for_every_layer(quick_run):
+    output, _ = quick_run
+    found = dict(re.findall(r"layer (\d+)\s+sparsity (\d\.\d+)", output))
+    assert sorted(found) == [str(layer) for layer in range(6)]
+    # a row of n valid keys zeroes about 0.6 * (n - 1) of them (quantile with interpolation), so short rows
+    # fall a little below 0.6
+    assert all(0.5 <= float(value) <= 0.65 for value in found.values()), found
+
+
+def test_demo_prints_attention_map(quick_run, minilm_path):
+    output, _ = quick_run
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(demo.DEFAULT_SENTENCE)["input_ids"])
+    rows = re.findall(r"^\s*(\d+) (\S+)\s+((?:\s+[·.:\-=+*#%@])+)$", output, flags=re.MULTILINE)
+    assert [token for _, token, _ in rows] == tokens
+    cells = [cell.split() for _, _, cell in rows]
+    assert all(len(row) == len(tokens) for row in cells)
+    zeros = sum(row.count("·") for row in cells) / (len(tokens) ** 2)
+    assert 0.45 <= zeros <= 0.65  # about 60% of each row's keys are exact zeros
+
+
+def test_demo_prints_accuracy_before_and_after(quick_run):
+    output, _ = quick_run
+    before = re.search(r"accuracy before fine-tuning: (\d\.\d+)", output)
+    after = re.search(r"accuracy after fine-tuning:\s+(\d\.\d+)\s+\((\d+) steps", output)
+    assert before and after
+    assert 0.0 <= float(before.group(1)) <= 1.0 and 0.0 <= float(after.group(1)) <= 1.0
+    assert int(after.group(2)) == demo.QUICK_STEPS
+
+
+def test_demo_saves_a_patched_checkpoint(quick_run):
+    _, out_dir = quick_run
+    model = from_pretrained(str(out_dir))
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert get_patch_config(model).sparsity == pytest.approx(0.6)
