@@ -47,6 +47,8 @@ DEFAULT_SENTENCE = "The food was not bad at all, but the service was painfully s
 #: heat-map characters for non-zero weights, light to heavy; exact zeros are drawn as ZERO
 RAMP = ".:-=+*#%@"
 ZERO = "·"
+#: shape of the packaged all-MiniLM-L6-v2, for the attention-map options
+MINILM_LAYERS, MINILM_HEADS = 6, 12
 #: ``--quick``: a smoke run for tests (a handful of steps on a slice of the data)
 QUICK_STEPS = 3
 QUICK_SENTENCES = 32
@@ -172,14 +174,19 @@ def fine_tune(
     return sum(recent) / len(recent)
 
 
+def _to_float(text: str) -> float:
+    """``float(text)``, or NaN (which fails every range check) when ``text`` is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _rate(text: str) -> float | None:
     """argparse type of ``--sparsity``: a float in [0, 1], or ``none`` for plain softmax."""
     if text.lower() == "none":
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _to_float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'none', got {text!r}")
     return value
@@ -192,10 +199,7 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _to_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
@@ -210,8 +214,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the classifier init, dropout and shuffling")
     parser.add_argument("--sentence", default=DEFAULT_SENTENCE, help="sentence whose attention map is drawn")
-    parser.add_argument("--map-layer", type=int, default=0, help="layer of the attention map (0-5)")
-    parser.add_argument("--map-head", type=int, default=3, help="head of the attention map (0-11)")
+    parser.add_argument(
+        "--map-layer",
+        type=int,
+        default=0,
+        choices=range(MINILM_LAYERS),
+        metavar="L",
+        help=f"layer of the attention map (0-{MINILM_LAYERS - 1})",
+    )
+    parser.add_argument(
+        "--map-head",
+        type=int,
+        default=3,
+        choices=range(MINILM_HEADS),
+        metavar="H",
+        help=f"head of the attention map (0-{MINILM_HEADS - 1})",
+    )
     parser.add_argument("--output-dir", help="save the fine-tuned patched model and tokenizer here")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_STEPS} steps on a slice of the data")
 
@@ -239,9 +257,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
     start = time.perf_counter()
     model, tokenizer = _load_model(args.seed)
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    if not (0 <= args.map_layer < layers and 0 <= args.map_head < heads):
-        raise ValueError(f"--map-layer must be in [0, {layers - 1}] and --map-head in [0, {heads - 1}]")
     patch_model(model, sparsity=args.sparsity)
 
     train_x, train_y = load_sentiment("train")
@@ -250,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
         train_x, train_y, test_x, test_y = (part[:QUICK_SENTENCES] for part in (train_x, train_y, test_x, test_y))
     steps = args.max_steps or (QUICK_STEPS if args.quick else args.epochs * math.ceil(len(train_x) / args.batch_size))
     rate = "softmax (no sparsity)" if args.sparsity is None else f"r-softmax, sparsity {args.sparsity:g}"
-    print(f"all-MiniLM-L6-v2 ({layers} layers x {heads} heads) + new 2-way classifier, patched with {rate}")
+    print(
+        f"all-MiniLM-L6-v2 ({MINILM_LAYERS} layers x {MINILM_HEADS} heads) + new 2-way classifier, patched with {rate}"
+    )
     print(f"data: {len(train_x)} train / {len(test_x)} test sentences (hf_sparse_attn/data/{DATA_FILE})\n")
 
     print(f"measured sparsity (exact zeros among non-padded keys, {len(test_x)} test sentences):")
@@ -275,7 +292,9 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - tuned
     after = accuracy(model, tokenizer, test_x, test_y)
-    print(f"test accuracy after fine-tuning:  {after:.3f}  ({steps} steps in {seconds:.0f} s, loss {loss:.3f})")
+    print(
+        f"test accuracy after fine-tuning:  {after:.3f}  ({steps} steps in {seconds:.0f} s, last-epoch loss {loss:.3f})"
+    )
 
     if args.output_dir:
         model.save_pretrained(args.output_dir)

@@ -66,7 +66,9 @@ def lora_config(
         >>> model.save_pretrained("adapter")  # LoRA matrices + lm_head.extra
     """
     if hasattr(model, "peft_config"):
-        raise TypeError("lora_config: model is already a PEFT model; pass the patched transformers model before wrapping")
+        raise TypeError(
+            "lora_config: model is already a PEFT model; pass the patched transformers model before wrapping"
+        )
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an int >= 1; got {r!r}")
     targets = list(target_modules) if target_modules is not None else list(architecture_of(model).lora_targets)

@@ -69,7 +69,7 @@ def plot_log_history(log_history: Sequence[dict], out: str | os.PathLike, title:
     figure = Figure(figsize=(4.6 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, panel_keys) in zip(axes, panels):
+    for ax, (name, panel_keys) in zip(axes, panels, strict=True):
         if name == "sparsity":
             _draw_sparsity(ax, log_history, panel_keys)
         else:

@@ -111,7 +111,7 @@ def read_glue_tsv(path: str | os.PathLike, task: GlueTask) -> dict[str, list]:
                 continue
             if len(row) < needed:
                 raise ValueError(f"{path}:{line}: expected at least {needed} tab-separated fields, got {len(row)}")
-            for name, column in zip(task.columns, task.text_columns):
+            for name, column in zip(task.columns, task.text_columns, strict=True):
                 data[name].append(row[column])
             data["label"].append(_label(row[task.label_column], task, f"{path}:{line}"))
     return data
@@ -152,7 +152,9 @@ def load_glue(task_name: str, data_dir: str | os.PathLike | None = None):
         raise ValueError(
             f"data_dir: {missing[0]} not found; pass the GLUE folder (holding {task.directory}/) or the task folder"
         )
-    return datasets.DatasetDict({split: datasets.Dataset.from_dict(read_glue_tsv(p, task)) for split, p in files.items()})
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(read_glue_tsv(p, task)) for split, p in files.items()}
+    )
 
 
 def glue_metrics(task_name: str) -> Callable[[EvalPrediction], dict[str, float]]:

@@ -123,7 +123,9 @@ class PatchArguments:
     )
     sparsity_probe_size: int = field(
         default=4,
-        metadata={"help": "evaluation examples in the probe batch whose sparsity is logged every logging_steps (0: off)"},
+        metadata={
+            "help": "evaluation examples in the probe batch whose sparsity is logged every logging_steps (0: off)"
+        },
     )
     head: str | None = field(
         default=None, metadata={"help": "LM head (causal / masked LM only)", "choices": HEAD_NAMES}

@@ -105,7 +105,9 @@ class SparsityScheduleCallback(TrainerCallback):
         if step >= self.warmup_steps:  # the target as given, so config.json records it in the user's form
             set_sparsity(model, self.target)
         else:
-            set_sparsity(model, scheduled_sparsity(self.target, len(self_attention_modules(model)), step, self.warmup_steps))
+            set_sparsity(
+                model, scheduled_sparsity(self.target, len(self_attention_modules(model)), step, self.warmup_steps)
+            )
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
@@ -142,7 +144,9 @@ class SparsityLoggingCallback(TrainerCallback):
 
     def __init__(self, probe_batch: Mapping[str, torch.Tensor]) -> None:
         if "input_ids" not in probe_batch:
-            raise ValueError(f"probe_batch must hold model inputs including 'input_ids'; got keys {sorted(probe_batch)}")
+            raise ValueError(
+                f"probe_batch must hold model inputs including 'input_ids'; got keys {sorted(probe_batch)}"
+            )
         self.probe_batch = {k: v for k, v in probe_batch.items() if isinstance(v, torch.Tensor)}
 
     def measure(self, model: nn.Module) -> dict[str, float]:

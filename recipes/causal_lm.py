@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from hf_sparse_attn.recipe_setup import (
     ModelArguments,

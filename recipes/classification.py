@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
 
     data = raw.map(tokenize, batched=True, remove_columns=list(task.columns))
-    data = data.remove_columns([c for c in data["train"].column_names if c not in (*tokenizer.model_input_names, "label")])
+    data = data.remove_columns(
+        [c for c in data["train"].column_names if c not in (*tokenizer.model_input_names, "label")]
+    )
 
     trainer = Trainer(
         model=model,

@@ -66,22 +66,40 @@ def test_render_attention_rejects_mismatched_shape():
         demo.render_attention(["a", "b"], torch.ones(3, 3) / 3)
 
 
-@pytest.mark.parametrize("value", ["-0.1", "1.5", "half"])
-def test_cli_rejects_bad_sparsity(value, capsys):
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--sparsity", "-0.1"),
+        ("--sparsity", "1.5"),
+        ("--sparsity", "half"),
+        ("--epochs", "0"),
+        ("--lr", "-1"),
+        ("--map-layer", "6"),
+        ("--map-head", "12"),
+    ],
+    ids=["sparsity-negative", "sparsity-above-1", "sparsity-word", "epochs-0", "lr-negative", "layer-6", "head-12"],
+)
+def test_cli_rejects_bad_option(option, value, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--sparsity", value])
-    assert "--sparsity" in capsys.readouterr().err
+        cli.main(["demo", option, value])
+    assert option in capsys.readouterr().err
+
+
+QUICK_ARGS = ["demo", "--quick", "--sparsity", "0.6", "--seed", "1"]
+
+
+def _run_demo(args: list[str]) -> str:
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        assert cli.main(args) == 0
+    return capture.getvalue()
 
 
 @pytest.fixture(scope="module")
 def quick_run(minilm_path, tmp_path_factory) -> tuple[str, Path]:
     """Output of one ``demo --quick`` run (sparsity 0.6, saving the model), shared by the tests below."""
     out_dir = tmp_path_factory.mktemp("demo") / "model"
-    capture = io.StringIO()
-    with contextlib.redirect_stdout(capture):
-        status = cli.main(["demo", "--quick", "--sparsity", "0.6", "--seed", "1", "--output-dir", str(out_dir)])
-    assert status == 0
-    return capture.getvalue(), out_dir
+    return _run_demo([*QUICK_ARGS, "--output-dir", str(out_dir)]), out_dir
 
 
 def test_demo_prints_sparsity_near_rate_for_every_layer(quick_run):
@@ -119,3 +137,12 @@ def test_demo_saves_a_patched_checkpoint(quick_run):
     model = from_pretrained(str(out_dir))
     assert type(model).__name__ == "BertForSequenceClassification"
     assert get_patch_config(model).sparsity == pytest.approx(0.6)
+
+
+def test_demo_is_reproducible_with_a_seed(quick_run):
+    def without_timings(output: str) -> list[str]:
+        lines = [line for line in output.splitlines() if not line.startswith(("saved to", "total time"))]
+        return [re.sub(r"in \d+ s", "", line) for line in lines]
+
+    first, _ = quick_run
+    assert without_timings(_run_demo(QUICK_ARGS)) == without_timings(first)

@@ -66,7 +66,7 @@ def test_two_processes_match_one_process(lm_setup):
 
     one, two = train_logs(folder / "one"), train_logs(folder / "two")
     assert [e["step"] for e in two] == [1, 2, 3, 4]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["sparsity/layer_1"] == pytest.approx(a["sparsity/layer_1"], abs=1e-6)  # same schedule on each rank
     assert all(math.isfinite(e["loss"]) for e in two) and two[-1]["loss"] < two[0]["loss"]  # it trains
@@ -83,8 +83,8 @@ import hf_sparse_attn
 
 def model():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=99, n_positions=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=99, n_positions=64, bos_token_id=0,
+                                     eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return hf_sparse_attn.patch_model(transformers.GPT2LMHeadModel(config), sparsity=0.3, head="moss")
 
 dist.init_process_group("gloo")
@@ -114,6 +114,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two more process start-ups (~30 s on 2 busy cores)
 def test_fsdp2_sharded_step_matches_unsharded(tmp_path):
     """accelerate routes FSDP only to GPU-like devices (a CPU run becomes plain DDP), so FSDP is exercised here
     directly with torch's ``fully_shard`` on 2 gloo processes: one SGD step of the sharded, patched GPT-2 with a MoSS
@@ -121,7 +122,7 @@ def test_fsdp2_sharded_step_matches_unsharded(tmp_path):
     script = tmp_path / "fsdp_step.py"
     script.write_text(textwrap.dedent(FSDP_SCRIPT))
     out = tmp_path / "result.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run([*torchrun, str(script), str(out)], cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result["keys_equal"]

@@ -14,7 +14,8 @@ from conftest import tiny_model
 from test_heads import word_tokenizer
 
 import hf_sparse_attn
-from hf_sparse_attn import cli, perplexity as perplexity_module
+from hf_sparse_attn import cli
+from hf_sparse_attn import perplexity as perplexity_module
 from hf_sparse_attn.perplexity import perplexity, sliding_windows
 
 POSITIONS = 64
@@ -106,8 +107,8 @@ def test_eval_ppl_command_loads_a_patched_checkpoint(text_file, tmp_path, capsys
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
     output = tmp_path / "ppl.json"
-    argv = ["eval-ppl", "--model", str(tmp_path / "ckpt"), "--file", str(text_file), "--max-length", "16",
-            "--stride", "8", "--device", "cpu", "--no-progress", "--output", str(output)]
+    argv = ["eval-ppl", "--model", str(tmp_path / "ckpt"), "--file", str(text_file), "--output", str(output)]
+    argv += ["--max-length", "16", "--stride", "8", "--device", "cpu", "--no-progress"]
     assert cli.main(argv) == 0
     expected = perplexity(model, tokenizer, text_file, max_length=16, stride=8, progress=False)
     written = json.loads(output.read_text())

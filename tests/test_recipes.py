@@ -118,18 +118,24 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 def test_read_glue_tsv_layouts(tmp_path):
     # quotes must stay literal text (no CSV quoting): a row starting with " and a lone " in the middle
     cola = write(tmp_path / "cola.tsv", 'gj04\t1\t\t"Quoted" start.\ngj04\t0\t*\tA lone " quote.')  # no header
-    assert read_glue_tsv(cola, GLUE_TASKS["cola"]) == {"sentence": ['"Quoted" start.', 'A lone " quote.'], "label": [1, 0]}
+    assert read_glue_tsv(cola, GLUE_TASKS["cola"]) == {
+        "sentence": ['"Quoted" start.', 'A lone " quote.'],
+        "label": [1, 0],
+    }
     mrpc = write(tmp_path / "mrpc.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\tHe said \"x.\tY\n",
                  encoding="utf-8-sig")  # fmt: skip
     assert read_glue_tsv(mrpc, GLUE_TASKS["mrpc"]) == {"sentence1": ['He said "x.'], "sentence2": ["Y"], "label": [0]}
     stsb = write(tmp_path / "stsb.tsv", "h\n" + "\t".join(["0", "g", "f", "y", "o", "s", "s", "A b.", "C d.", "3.800"]))
     assert read_glue_tsv(stsb, GLUE_TASKS["stsb"]) == {"sentence1": ["A b."], "sentence2": ["C d."], "label": [3.8]}
-    rte = write(tmp_path / "rte.tsv", "index\tsentence1\tsentence2\tlabel\n0\tP.\tH.\tnot_entailment\n1\tP\tH\tentailment\n")
+    rte = write(
+        tmp_path / "rte.tsv", "index\tsentence1\tsentence2\tlabel\n0\tP.\tH.\tnot_entailment\n1\tP\tH\tentailment\n"
+    )
     assert read_glue_tsv(rte, GLUE_TASKS["rte"])["label"] == [1, 0]  # the Hub's ids: entailment = 0
 
 
 @pytest.mark.parametrize(
-    "text, match", [("sentence\tlabel\ngood\tyes\n", "label 'yes'"), ("sentence\tlabel\nno label here\n", "fields")],
+    "text, match",
+    [("sentence\tlabel\ngood\tyes\n", "label 'yes'"), ("sentence\tlabel\nno label here\n", "fields")],
     ids=["bad-label", "short-row"],
 )
 def test_read_glue_tsv_errors_name_the_line(tmp_path, text, match):
@@ -165,7 +171,10 @@ def test_unknown_task_lists_tasks():
 def test_load_glue_from_hub_keeps_train_and_validation(monkeypatch):
     import datasets
 
-    fake = {s: datasets.Dataset.from_dict({"sentence": ["a"], "label": [1], "idx": [0]}) for s in ("train", "validation", "test")}
+    fake = {
+        s: datasets.Dataset.from_dict({"sentence": ["a"], "label": [1], "idx": [0]})
+        for s in ("train", "validation", "test")
+    }
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *args: calls.append(args) or fake)
     loaded = load_glue("sst2")
@@ -175,7 +184,13 @@ def test_load_glue_from_hub_keeps_train_and_validation(monkeypatch):
 
 @pytest.mark.parametrize(
     "task, rows",
-    [("cola", (8551, 1043)), ("sst2", (67349, 872)), ("mrpc", (3668, 408)), ("stsb", (5749, 1500)), ("rte", (2490, 277))],
+    [
+        ("cola", (8551, 1043)),
+        ("sst2", (67349, 872)),
+        ("mrpc", (3668, 408)),
+        ("stsb", (5749, 1500)),
+        ("rte", (2490, 277)),
+    ],
 )
 def test_load_glue_real_files_row_counts(shared_data, task, rows):
     """Row counts from ../shared/data/MANIFEST.md (every row read; no merged or dropped rows)."""
@@ -202,7 +217,12 @@ def test_word_level_tokenizer_ids_are_contiguous_and_lines_end_with_eos():
     tokenizer = word_level_tokenizer(["a b b\n", "c b <unk>\n"], vocab_size=6)
     vocab = tokenizer.get_vocab()
     assert sorted(vocab.values()) == list(range(len(tokenizer))) == list(range(6))
-    assert tokenizer("b c zzz")["input_ids"] == [vocab["b"], tokenizer.unk_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id]
+    assert tokenizer("b c zzz")["input_ids"] == [
+        vocab["b"],
+        tokenizer.unk_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.eos_token_id,
+    ]
 
 
 def test_split_lines_holds_out_the_end():
@@ -273,7 +293,8 @@ def test_causal_lm_recipe_head_and_perplexity(tmp_path, text_file, tokenizer_dir
     argv = [*TINY_GPT2.split(), "--tokenizer_name", str(tokenizer_dir), "--train_file", str(text_file),
             "--validation_split_percentage", "10", "--block_size", "16", "--max_eval_samples", "4",
             "--per_device_eval_batch_size", "4", "--head", "moss", "--num_mixtures", "2", "--sparsity", "0.3",
-            "--sparsity_warmup_steps", "2", "--max_steps", "4", "--logging_steps", "1", *common_args(tmp_path)]  # fmt: skip
+            "--sparsity_warmup_steps", "2", "--max_steps", "4", "--logging_steps", "1",
+            *common_args(tmp_path)]  # fmt: skip
     metrics = recipe("causal_lm").main(argv)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     losses = [e["loss"] for e in log_history(tmp_path) if "loss" in e]
@@ -294,8 +315,9 @@ def test_causal_lm_recipe_head_and_perplexity(tmp_path, text_file, tokenizer_dir
 def test_causal_lm_recipe_real_ptb(tmp_path, shared_data):
     ptb = shared_data / "ptb"
     word_level_tokenizer(read_text_lines(ptb / "ptb.valid.txt.gz")).save_pretrained(tmp_path / "tok")
-    argv = [*TINY_GPT2.split(), "--tokenizer_name", str(tmp_path / "tok"), "--train_file", str(ptb / "ptb.train.txt.gz"),
-            "--validation_file", str(ptb / "ptb.valid.txt.gz"), "--block_size", "32", "--max_train_samples", "16",
+    argv = [*TINY_GPT2.split(), "--tokenizer_name", str(tmp_path / "tok"),
+            "--train_file", str(ptb / "ptb.train.txt.gz"), "--validation_file", str(ptb / "ptb.valid.txt.gz"),
+            "--block_size", "32", "--max_train_samples", "16",
             "--max_eval_samples", "8", "--head", "plif", "--num_knots", "100", "--sparsity", "0.5", "--max_steps", "2",
             *common_args(tmp_path / "out")]  # fmt: skip
     metrics = recipe("causal_lm").main(argv)
@@ -326,7 +348,8 @@ def test_causal_lm_recipe_lora_adapter_reloads(tmp_path, text_file, tokenizer_di
     tokenizer.save_pretrained(tmp_path / "base")
     argv = ["--model_name_or_path", str(tmp_path / "base"), "--train_file", str(text_file), "--block_size", "16",
             "--max_eval_samples", "4", "--per_device_eval_batch_size", "4", "--head", "plif", "--num_knots", "50",
-            "--sparsity", "0.5", "--lora", "--lora_r", "4", "--max_steps", "3", *common_args(tmp_path / "out")]  # fmt: skip
+            "--sparsity", "0.5", "--lora", "--lora_r", "4", "--max_steps", "3",
+            *common_args(tmp_path / "out")]  # fmt: skip
     metrics = recipe("causal_lm").main(argv)
     out = tmp_path / "out"
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()

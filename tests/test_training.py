@@ -83,7 +83,7 @@ def expected_rates(target_per_layer: list, step: int, warmup: int) -> list:
 
 def assert_rates_close(actual: list, expected: list) -> None:
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         if e is None:
             assert a is None
         else:
@@ -145,9 +145,7 @@ def test_schedule_follows_global_step_and_resumes_identically(tmp_path):
     assert model.config.hf_sparse_attn["sparsity"] == target
 
     # a fresh model, resumed from the step-3 checkpoint: the remaining steps get the same rates
-    resumed, _ = run_schedule(
-        tmp_path / "resumed", target, warmup, resume_from=str(tmp_path / "full" / "checkpoint-3")
-    )
+    resumed, _ = run_schedule(tmp_path / "resumed", target, warmup, resume_from=str(tmp_path / "full" / "checkpoint-3"))
     assert sorted(resumed) == [3, 4, 5]
     for step in resumed:
         assert_rates_close(resumed[step], full[step])

@@ -207,17 +207,18 @@ def r_softmax_attention(
         scaling: multiplier of ``q·k``; defaults to ``D ** -0.5``.
         eps: r-softmax margin epsilon (> 0).
         dropout, training: attention dropout probability, applied to the probabilities when ``training``.
-        need_weights: return the ``[B, H, T, S]`` probabilities (forces the reference path).
+        need_weights: the caller needs the ``[B, H, T, S]`` probabilities (forces the reference path).
         backend: ``"auto"``, ``"triton"`` (raise ``ValueError`` when the kernel cannot run the call) or
             ``"reference"``.
 
     Returns:
-        ``(output [B, T, H, D], probabilities [B, H, T, S] or None)``; probabilities only when ``need_weights``.
+        ``(output [B, T, H, D], probabilities [B, H, T, S] before dropout)`` from the reference path, ``(output,
+        None)`` from the kernel, which never materialises them.
 
     Examples::
         >>> q, k, v = (torch.randn(2, 4, 16, 32) for _ in range(3))
         >>> causal = torch.ones(16, 16, dtype=torch.bool).tril()
-        >>> out, weights = r_softmax_attention(q, k, v, causal, rate=0.5, need_weights=True)
+        >>> out, weights = r_softmax_attention(q, k, v, causal, rate=0.5)  # on CPU: the reference path
         >>> out.shape, weights.shape
         (torch.Size([2, 16, 4, 32]), torch.Size([2, 4, 16, 16]))
     """
@@ -228,8 +229,7 @@ def r_softmax_attention(
     if plan is None:
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
-        output, probs = _reference(query, key, value, valid, rate, scaling, eps, dropout, training)
-        return output, probs if need_weights else None
+        return _reference(query, key, value, valid, rate, scaling, eps, dropout, training)
 
     from hf_sparse_attn.kernels.r_softmax_attention_triton import RSoftmaxAttentionFunction
 

@@ -1,9 +1,9 @@
 """Flash-style r-softmax attention in Triton: forward and backward, never materialising the [T, S] scores.
 
-Reference twin: ``softmax_probs = hf_sparse_attn.ops.r_softmax(q @ k^T * scaling, rate, mask=valid)`` followed by
-``@ v`` (DESIGN §2 has the maths, :mod:`hf_sparse_attn.ops.r_softmax` is the specification). Per query row ``i``
-with ``k`` valid keys, scores ``x_j = scaling q_i·k_j``, ``m`` their maximum and ``q_r`` their r-quantile (linear
-interpolation between the order statistics at ranks ``floor(r (k-1))`` and ``ceil(r (k-1))``)::
+Reference twin: ``hf_sparse_attn.ops.r_softmax(q @ k^T * scaling, rate, mask=valid) @ v`` (DESIGN §2 has the
+maths, :mod:`hf_sparse_attn.ops.r_softmax` is the specification, ``docs/kernels.md`` has the design notes). Per
+query row ``i`` with ``k`` valid keys, scores ``x_j = scaling q_i·k_j``, ``m`` their maximum and ``q_r`` their
+r-quantile (linear interpolation between the order statistics at ranks ``floor(r (k-1))`` and ``ceil(r (k-1))``)::
 
     t = (m - q_r) + eps,   u_j = (x_j - m) + t,   a_j = relu(u_j) exp(x_j - m),   o_i = sum_j a_j v_j / sum_j a_j
 
@@ -11,13 +11,13 @@ Forward, per block of query rows (one program), streaming key blocks several tim
 
 1. stats pass: row max ``m`` (and its first index), row min, valid count ``k``;
 2. search passes: the exact order statistics by a safeguarded search on the value range. Each pass counts
-   ``c = #{x <= tau}`` and finds ``A = max{x <= tau}``, ``B = min{x > tau}``, which shrinks a bracket of data
-   values ``[L, U]`` with known ranks (``x_(cL) = L``, ``x_(cU-1) = U``) until both ranks are pinned: interpolation
-   on the counts, a bisection step after any step that did not halve the count window, and, after
-   ``VALUE_ITERS`` passes, bisection on the order-preserving integer image of the floats (at most 32 more), so
-   the result is exact for any input;
-3. output pass: ``m`` is final after pass 1, so the weighted sum needs no running-max rescaling; key blocks
-   without a surviving entry skip the ``P V`` product.
+   ``c = #{x <= tau}`` and finds ``max{x <= tau}`` and ``min{x > tau}``, which shrink a bracket of data
+   values ``[v_lo, v_hi]`` with known ranks (``x_(c_lo) = v_lo``, ``x_(c_hi - 1) = v_hi``) until both ranks are
+   pinned. Pivots: interpolation on the counts, a bisection step after any step that did not halve the count
+   window, and after ``VALUE_ITERS`` passes bisection on the order-preserving integer image of the floats (at
+   most 32 more), so the result is exact for any input;
+3. output pass: ``m`` is final after pass 1, so the weighted sum needs no running-max rescaling; weights are
+   divided by ``t`` so that they lie in [0, 1] (fp16-safe); key blocks without a surviving entry skip ``P V``.
 
 Backward (FlashAttention-2 layout, scores recomputed blockwise), with ``g_j = dO_i·v_j``, ``c_j = 1[u_j > 0]``,
 ``e_j = exp(x_j - m)``, ``Z = sum_j a_j``, ``delta_i = <g, p> = dO_i·O_i`` and the argmax ``M``::
@@ -25,7 +25,8 @@ Backward (FlashAttention-2 layout, scores recomputed blockwise), with ``g_j = dO
     dx_j = (c_j + relu(u_j)) e_j (g_j - delta) / Z - 1[j = M] rho,   rho = sum_j c_j e_j (g_j - delta) / Z
 
 A row-parallel kernel computes ``dq``, ``delta`` and ``rho`` (the argmax share of ``dq`` is added at the end, with
-one gathered key row); a key-parallel kernel then computes ``dk`` and ``dv`` with ``rho`` known.
+one gathered key row); a key-parallel kernel then computes ``dk`` and ``dv`` with ``rho`` known. Both drop the
+argmax column's own ``c_M e_M`` from ``b_M`` and from ``rho``, where the two cancel exactly (see ``_bwd_tile``).
 Forward saves per row ``m``, ``t``, ``Z`` and the argmax index.
 """
 

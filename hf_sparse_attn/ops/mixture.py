@@ -107,7 +107,8 @@ class _StreamingMixture(torch.autograd.Function):
                     z = _component_logits(feats, weight, bias, dtype).requires_grad_()  # [C, V]
                     log_f = log_normalizer(z)
                 # d out / d term_k = responsibility r_k = exp(term_k - out), with term_k = log pi_k + log f_k
-                grad_term = (log_f.detach() + log_prior[rows, k, None].to(dtype) - out[rows]).exp_().mul_(grad_out[rows])
+                grad_term = (log_f.detach() + log_prior[rows, k, None].to(dtype) - out[rows]).exp_()
+                grad_term *= grad_out[rows]
                 grad_prior[rows, k] = grad_term.sum(-1)
                 (grad_z,) = torch.autograd.grad(log_f, z, grad_term)  # [C, V]
                 grad_features[rows, k] = grad_z @ weight_c

@@ -4,12 +4,13 @@ Ganea, Gelly, Bécigneul, Severyn. *Breaking the Softmax Bottleneck via Learnabl
 Non-linearities.* ICML 2019 (arXiv:1902.08077).
 
 K knots x_j = -T + j * delta (j = 0..K-1, delta = 2T / (K - 1)) split [-T, T] into K - 1 segments; segment j has the
-slope s_j = softplus(theta_j) > 0. With f(-T) = -T,
+slope s_j = softplus(theta_j + log(e - 1)) > 0, so theta = 0 gives slope 1. With f(-T) = -T,
 
     f(z) = -T + sum_j s_j * clamp(z - x_j, 0, delta)          for z in [-T, T],
 
 extended linearly outside [-T, T] with the edge slopes s_0 (left) and s_{K-2} (right). f is strictly increasing, so
-it keeps the order of the logits while reshaping their gaps. theta_j = log(e - 1) gives s_j = 1: f is the identity.
+it keeps the order of the logits while reshaping their gaps. theta = 0 makes f the identity, exactly in any dtype,
+and weight decay on theta pulls f towards the identity.
 
 Evaluation is a table look-up, O(1) per logit: with i = clamp(floor((z + T) / delta), 0, K - 2),
 
@@ -26,10 +27,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IDENTITY_THETA", "monotonic_transform"]
+__all__ = ["SLOPE_OFFSET", "monotonic_transform"]
 
-#: theta with softplus(theta) == 1, i.e. slope 1 on every segment: f is the identity.
-IDENTITY_THETA: float = math.log(math.expm1(1.0))
+#: log(e - 1): slope = softplus(theta + SLOPE_OFFSET), so theta = 0 means slope 1 (the identity).
+SLOPE_OFFSET: float = math.log(math.expm1(1.0))
 
 
 def _segment_index(z: torch.Tensor, knot_range: float, num_segments: int) -> torch.Tensor:
@@ -75,7 +76,8 @@ def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float)
 
     Args:
         z (`torch.Tensor`): logits of any shape, e.g. `[B, T, V]`.
-        theta (`torch.Tensor`): `[K - 1]` raw slopes of the K - 1 segments between K knots; slope = softplus(theta).
+        theta (`torch.Tensor`): `[K - 1]` raw slopes of the K - 1 segments between K knots:
+            slope = softplus(theta + log(e - 1)); zeros give the identity.
         knot_range (`float`): T > 0; the knots lie on a uniform grid over [-T, T].
 
     Returns:
@@ -83,11 +85,11 @@ def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float)
 
     Examples::
 
-        >>> theta = torch.full((999,), IDENTITY_THETA)  # K = 1000 knots, identity
+        >>> theta = torch.zeros(999)  # K = 1000 knots, identity
         >>> z = torch.tensor([-30.0, 0.5, 25.0])
         >>> monotonic_transform(z, theta, knot_range=20.0)
         tensor([-30.0000,   0.5000,  25.0000])
-        >>> theta = torch.tensor([IDENTITY_THETA, math.log(math.expm1(2.0))])  # K = 3: slopes 1 then 2
+        >>> theta = torch.tensor([0.0, math.log(math.expm1(2.0)) - SLOPE_OFFSET])  # K = 3: slopes 1 then 2
         >>> monotonic_transform(torch.tensor([-2.0, 0.0, 1.0, 3.0]), theta, knot_range=1.0)
         tensor([-2.,  0.,  2.,  6.])
     """
@@ -98,7 +100,7 @@ def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float)
     compute_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     num_segments = theta.numel()
     delta = 2.0 * knot_range / num_segments
-    slopes = F.softplus(theta.to(compute_dtype))  # [K-1]
+    slopes = F.softplus(theta.to(compute_dtype) + SLOPE_OFFSET)  # [K-1]
     left_knots = -knot_range + delta * torch.arange(num_segments, dtype=compute_dtype, device=theta.device)
     excess = delta * torch.cumsum(slopes - 1.0, dim=0)  # [K-1]; f(x_i) - x_i = excess[i-1]
     intercepts = left_knots * (1.0 - slopes) + F.pad(excess[:-1], (1, 0))  # [K-1]

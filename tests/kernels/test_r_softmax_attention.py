@@ -224,9 +224,11 @@ def test_matches_reference_on_gpu(kind: str, head_dim: int, dtype: torch.dtype) 
 
 
 def test_kernel_module_is_used_through_the_dispatcher() -> None:
-    """``backend='triton'`` runs this kernel (on CPU through the interpreter) on a transformers-style bool mask."""
+    """``backend='triton'`` runs this kernel (on CPU through the interpreter) on a transformers-style bool mask and
+    on q, k, v laid out as transformers makes them: ``[B, T, H, D]`` projections viewed as ``[B, H, T, D]``."""
     generator = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 2, n, 16, generator=generator).to(DEVICE).requires_grad_() for n in (20, 36, 36))
+    leaves = [torch.randn(2, n, 2, 16, generator=generator).to(DEVICE).requires_grad_() for n in (20, 36, 36)]
+    q, k, v = (leaf.transpose(1, 2) for leaf in leaves)  # (B, H, T or S, D), not contiguous
     _, valid = make_masks(2, 20, 36, "causal-padding")
     rate = torch.tensor([0.3, 0.7], device=DEVICE)
     out, weights = r_softmax_attention(q, k, v, valid, rate, backend="triton")
@@ -234,7 +236,7 @@ def test_kernel_module_is_used_through_the_dispatcher() -> None:
     assert weights is None
     assert out.grad_fn is not None and "RSoftmaxAttentionFunction" in type(out.grad_fn).__name__
     assert_close(out, expected, 1e-4, "output")
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    grads = torch.autograd.grad(out.sum(), leaves)  # a stride-0 upstream gradient
+    expected_grads = torch.autograd.grad(expected.sum(), leaves)
     for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
         assert_close(actual, wanted, 1e-4, name)

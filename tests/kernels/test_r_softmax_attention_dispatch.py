@@ -33,17 +33,16 @@ def padding_causal_mask(batch: int, t_len: int, s_len: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rate", [0.5, "per-head"])
 def test_reference_path_is_r_softmax_of_the_scores(rate: float | str) -> None:
-    """On CPU ``auto`` computes ``r_softmax(scaling q k^T) v``; weights come back only when asked for."""
+    """On CPU ``auto`` computes ``r_softmax(scaling q k^T) v`` and returns the probabilities it computed."""
     q, k, v = qkv()
     valid = padding_causal_mask(2, 5, 7)
     rates = torch.tensor([0.2, 0.5, 0.8]) if rate == "per-head" else rate
-    out, weights = r_softmax_attention(q, k, v, valid, rates, scaling=0.3, need_weights=True)
+    out, weights = r_softmax_attention(q, k, v, valid, rates, scaling=0.3)
     broadcast = rates.view(1, -1, 1, 1) if isinstance(rates, torch.Tensor) else rates
     probs = r_softmax(q @ k.transpose(-1, -2) * 0.3, broadcast, mask=valid)
     torch.testing.assert_close(weights, probs)
     torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
     assert out.shape == (2, 5, 3, 16)
-    assert r_softmax_attention(q, k, v, valid, rates, scaling=0.3)[1] is None
 
 
 def test_default_scaling_and_dropout() -> None:
@@ -52,7 +51,7 @@ def test_default_scaling_and_dropout() -> None:
     probs = r_softmax(q @ k.transpose(-1, -2) / 4.0, 0.5)
     torch.testing.assert_close(out, (probs @ v).transpose(1, 2))
     torch.manual_seed(0)
-    dropped, weights = r_softmax_attention(q, k, v, None, 0.5, dropout=0.5, training=True, need_weights=True)
+    dropped, weights = r_softmax_attention(q, k, v, None, 0.5, dropout=0.5, training=True)
     assert not torch.allclose(dropped, out)
     torch.testing.assert_close(weights, probs)  # weights are returned before dropout
 
