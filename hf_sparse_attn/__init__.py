@@ -7,6 +7,7 @@ learnable monotonic logit transform. See README.md.
 
 __version__ = "0.1.0"
 
+from hf_sparse_attn.attention import returning_weights  # noqa: E402
 from hf_sparse_attn.config import PatchConfig  # noqa: E402
 from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model, set_sparsity, unpatch_model  # noqa: E402
 from hf_sparse_attn.sparsity import attention_sparsity, measure_sparsity  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "get_patch_config",
     "measure_sparsity",
     "patch_model",
+    "returning_weights",
     "set_sparsity",
     "unpatch_model",
 ]

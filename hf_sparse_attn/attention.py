@@ -16,6 +16,8 @@ to it: boolean, additive float (``0`` / large negative, as the eager builder mak
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,13 +26,15 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_sparse_attn.ops.r_softmax import r_softmax
+from hf_sparse_attn.kernels import r_softmax_attention
 
 ATTENTION_NAME = "hf_sparse_attn"
 #: attribute on each self-attention module holding its rate: None (softmax), a float, or a tensor [H]
 RATE_ATTR = "hf_sparse_attn_rate"
 #: attribute holding the r-softmax margin epsilon
 EPS_ATTR = "hf_sparse_attn_eps"
+#: attribute set while the caller needs the probabilities (forces the reference path on CUDA)
+WEIGHTS_ATTR = "hf_sparse_attn_need_weights"
 
 
 def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -85,23 +89,38 @@ def sparse_attention_forward(
         dropout: attention dropout probability, applied in training only.
 
     Returns:
-        ``(output [B, T, H, D], probabilities [B, H, T, S])``. The probabilities are returned before dropout, so
-        ``output_attentions=True`` shows the r-softmax sparsity pattern itself.
+        ``(output [B, T, H, D], probabilities [B, H, T, S] or None)``. The probabilities are returned before
+        dropout, so ``output_attentions=True`` shows the r-softmax sparsity pattern itself; the Triton kernel path
+        returns None for them unless :func:`returning_weights` is active.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
-    valid = valid_keys(attention_mask, module, query.shape[-2], key.shape[-2], scores.device)
+    valid = valid_keys(attention_mask, module, query.shape[-2], key.shape[-2], query.device)
     rate = getattr(module, RATE_ATTR, None)
-    if rate is None:
-        probs = masked_softmax(scores, valid)
-    else:
-        if isinstance(rate, torch.Tensor):
-            rate = rate.to(scores.device).view(1, -1, 1, 1)  # per-head rates: (1, H, 1, 1)
-        probs = r_softmax(scores, rate, mask=valid, eps=getattr(module, EPS_ATTR, 1e-8))
+    if rate is not None:
+        return r_softmax_attention(
+            query, key, value, valid, rate, scaling=scaling, eps=getattr(module, EPS_ATTR, 1e-8),
+            dropout=dropout, training=module.training, need_weights=getattr(module, WEIGHTS_ATTR, False),
+        )  # fmt: skip
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
+    probs = masked_softmax(scores, valid)
     dropped = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(dropped.to(value.dtype), value)  # (B, H, T, D)
     return output.transpose(1, 2).contiguous(), probs  # (B, T, H, D)
+
+
+@contextmanager
+def returning_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, every attention layer of ``model`` returns its probabilities (``output_attentions``
+    works on CUDA too, through the reference path)."""
+    modules = [m for m in model.modules() if hasattr(m, RATE_ATTR)]
+    for module in modules:
+        setattr(module, WEIGHTS_ATTR, True)
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, WEIGHTS_ATTR)
 
 
 def register() -> None:

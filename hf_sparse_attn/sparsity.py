@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hf_sparse_attn.architectures import is_causal
+from hf_sparse_attn.attention import returning_weights
 
 
 def attention_sparsity(
@@ -60,5 +61,6 @@ def measure_sparsity(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> lis
     """Run ``model`` on ``batch`` (no gradient, current train/eval mode kept) and return
     :func:`attention_sparsity` per layer."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    outputs = model(**inputs, output_attentions=True)
+    with returning_weights(model):
+        outputs = model(**inputs, output_attentions=True)
     return attention_sparsity(outputs.attentions, batch.get("attention_mask"), causal=is_causal(model))

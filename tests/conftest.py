@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter; it must be chosen before anything imports triton
+    # (transformers may, through torch._dynamo)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 transformers.logging.set_verbosity_error()

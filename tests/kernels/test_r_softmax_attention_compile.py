@@ -1,0 +1,65 @@
+"""The r-softmax attention kernels go through Triton's real compiler for an sm_90 (H100) target, without a GPU.
+
+Triton's CPU interpreter runs the kernels' Python but checks none of what the compiler does (types carried through
+the search loop, ``tl.dot`` shapes and layouts, shared memory). Compiling needs no GPU, only Triton's bundled
+toolchain, so this catches compile errors on CPU machines. It runs in a subprocess because this test session
+decorates the kernels for the interpreter. About 90 s of CPU with a cold Triton cache, hence ``slow``:
+``pytest -m slow tests/kernels/test_r_softmax_attention_compile.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[2]
+H100_SHARED_MEMORY = 227 * 1024
+
+#: (dtype, head dim, BLOCK_N): the two ends of the supported range, with the launcher's block sizes
+CONFIGS = [("bf16", 64, 64), ("fp32", 128, 32)]
+
+SCRIPT = textwrap.dedent(
+    """
+    import os
+    import sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from hf_sparse_attn.kernels import r_softmax_attention_triton as kernels
+
+    for dtype, head_dim, block_n in {configs}:
+        pointers = {{name: "*" + dtype for name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}}
+        pointers.update(PAD="*i1", RATE="*fp32", STAT_ARG="*i32")
+        pointers.update({{name: "*fp32" for name in ("STAT_M", "STAT_T", "STAT_Z", "STAT_DELTA", "STAT_RHO")}})
+        constants = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=block_n, CAUSAL=True, HAS_PAD=True, UPCAST=False,
+                         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        kernels_and_extras = ((kernels._fwd_kernel, dict(VALUE_ITERS=32, MAX_ITERS=72)),
+                              (kernels._bwd_dq_kernel, {{}}), (kernels._bwd_dkdv_kernel, {{}}))
+        for fn, extra in kernels_and_extras:
+            constexprs = dict(constants, **extra)
+            scalars = {{"scale": "fp32", "eps": "fp32"}}
+            signature = {{name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
+                          for name in fn.arg_names}}
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+            print(dtype, head_dim, fn.__name__, compiled.metadata.shared)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100() -> None:
+    script = SCRIPT.format(configs=CONFIGS)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = {tuple(line.split()[:3]): int(line.split()[3]) for line in result.stdout.strip().splitlines()}
+    kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    assert set(shared) == {(dtype, str(dim), name) for dtype, dim, _ in CONFIGS for name in kernels}
+    assert all(0 < size <= H100_SHARED_MEMORY for size in shared.values()), shared
