@@ -24,6 +24,8 @@ STATE_FILE = "trainer_state.json"
 #: per-step quantities that are timing or bookkeeping, not training curves
 _NOT_METRICS = re.compile(r"(_runtime|_per_second|_preparation_time|_flos)$|^eval_loss$|^epoch$|^step$")
 _SPARSITY_LAYER = re.compile(r"^sparsity/layer_(\d+)$")
+#: sparsity curves closer than this everywhere are drawn as one (invisible apart at the plot's resolution)
+_SAME_CURVE = 2e-3
 
 
 def find_trainer_state(path: str | os.PathLike) -> Path:
@@ -41,9 +43,10 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
 
 
 def series(log_history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-    """The ``(steps, values)`` of ``key`` over the log entries that carry it."""
-    entries = [entry for entry in log_history if key in entry and "step" in entry]
-    return [entry["step"] for entry in entries], [float(entry[key]) for entry in entries]
+    """The ``(steps, values)`` of ``key`` over the log entries that carry it; for a step logged twice (the Trainer's
+    last periodic evaluation and the recipe's final one) the later value."""
+    by_step = {entry["step"]: float(entry[key]) for entry in log_history if key in entry and "step" in entry}
+    return list(by_step), list(by_step.values())
 
 
 def plot_log_history(log_history: Sequence[dict], out: str | os.PathLike, title: str | None = None) -> Path:
@@ -89,15 +92,43 @@ def plot_log_history(log_history: Sequence[dict], out: str | os.PathLike, title:
 
 
 def _draw_sparsity(ax, log_history: Sequence[dict], layer_keys: list[str]) -> None:
+    """One curve per layer; layers whose curves agree to within ``_SAME_CURVE`` (the same rate in every layer;
+    a tie in the scores can add a zero) share one labelled curve."""
     from matplotlib import colormaps
 
+    groups: list[tuple[list[int], list[float], list[int]]] = []  # (steps, values, layers)
+    for key in layer_keys:
+        steps, values = series(log_history, key)
+        layer = int(_SPARSITY_LAYER.match(key)[1])
+        same = (
+            g
+            for g in groups
+            if g[0] == steps and max(abs(a - b) for a, b in zip(g[1], values, strict=True)) <= _SAME_CURVE
+        )
+        group = next(same, None)
+        if group is None:
+            groups.append((steps, values, [layer]))
+        else:
+            group[2].append(layer)
     cmap = colormaps["viridis"]
-    for index, key in enumerate(layer_keys):
-        color = cmap(index / max(1, len(layer_keys) - 1) * 0.9)
-        _line(ax, *series(log_history, key), color=color, label=f"layer {_SPARSITY_LAYER.match(key)[1]}")
+    for index, (steps, values, layers) in enumerate(groups):
+        color = cmap(index / max(1, len(groups) - 1) * 0.9)
+        _line(ax, steps, values, color=color, label=_layers_label(layers))
     ax.set_title("zero attention weights (fraction of valid keys)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize="x-small", ncol=2 if len(layer_keys) > 6 else 1)
+    ax.legend(fontsize="x-small", ncol=2 if len(groups) > 6 else 1)
+
+
+def _layers_label(layers: list[int]) -> str:
+    """``[3]`` -> "layer 3"; ``[0, 1, 2, 5]`` -> "layers 0-2, 5"."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+    return f"layer {text}" if len(layers) == 1 else f"layers {text}"
 
 
 def _line(ax, steps: list[int], values: list[float], **style) -> None:

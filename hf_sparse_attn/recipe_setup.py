@@ -14,7 +14,7 @@ Examples::
     model = prepare_model(load_model(AutoModelForCausalLM, model_args, tokenizer), patch_args)
     trainer = Trainer(model=model, args=training_args, ...)
     add_sparsity_callbacks(trainer, patch_args, eval_dataset)
-    train_and_evaluate(trainer, patch_args, perplexity=True)
+    train_and_evaluate(trainer, perplexity=True)
 """
 
 from __future__ import annotations

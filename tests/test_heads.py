@@ -121,6 +121,17 @@ def test_bfloat16_model_gives_float32_log_probs_and_gradients(head):
 
 
 @pytest.mark.parametrize("head", HEADS)
+def test_autocast_bfloat16_training_step(head):
+    model = patched("gpt2", head).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**labelled_batch("gpt2"))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for param in [head_of(model).weight, *getattr(head_of(model), "extra", nn.Module()).parameters()]:
+        assert param.grad is not None and param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all()
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_accepts_any_leading_shape(head):
     lm_head = build_head(head, nn.Linear(8, 13), **HEADS[head])
     hidden = torch.randn(2, 5, 8)

@@ -12,7 +12,7 @@ from test_training import TokenDataset, patched_gpt2, training_args
 from transformers import Trainer
 
 from hf_sparse_attn.cli import main as cli
-from hf_sparse_attn.plotting import find_trainer_state, plot_log_history
+from hf_sparse_attn.plotting import _layers_label, find_trainer_state, plot_log_history
 from hf_sparse_attn.training import SparsityLoggingCallback, SparsityScheduleCallback, add_first
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,3 +78,10 @@ def test_plot_errors(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"epoch": 1.0, "step": 3}]}))
     with pytest.raises(ValueError, match="nothing|no loss"):
         cli(["plot", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "layers, label", [([3], "layer 3"), ([0, 1, 2, 3, 4, 5], "layers 0–5"), ([0, 1, 2, 5], "layers 0–2, 5")]
+)
+def test_layers_sharing_a_curve_are_labelled_as_ranges(layers, label):
+    assert _layers_label(layers) == label

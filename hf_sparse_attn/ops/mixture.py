@@ -62,30 +62,41 @@ def log_mixture(log_prior: torch.Tensor, component_log_probs: torch.Tensor) -> t
     return torch.logsumexp(log_prior.unsqueeze(-1) + component_log_probs, dim=-2)
 
 
-def _component_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-    # [C, D] -> [C, V], in the model's dtype (fast matmul), then up to the dtype the normaliser runs in
-    return F.linear(features, weight, bias).to(dtype)
+class _Logits:
+    """The component logits W a + b of one `[C, D]` chunk: the matmul in ``matmul_dtype`` (the model's dtype, or the
+    autocast dtype), the result in ``dtype`` (float32/64) for the normaliser. Forward and backward use the same
+    casts, so the backward's recomputed logits are bit-identical to the forward's, with or without autocast."""
+
+    def __init__(self, weight, bias, matmul_dtype, dtype):
+        self.weight = weight.to(matmul_dtype)  # [V, D]; a copy only when autocast changes the dtype
+        self.bias = None if bias is None else bias.to(matmul_dtype)
+        self.matmul_dtype, self.dtype = matmul_dtype, dtype
+
+    def __call__(self, features):
+        with torch.autocast(features.device.type, enabled=False):
+            return F.linear(features.to(self.matmul_dtype), self.weight, self.bias).to(self.dtype)  # [C, V]
 
 
 class _StreamingMixture(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_prior, features, weight, bias, component, chunk_size):
+    def forward(ctx, log_prior, features, weight, bias, component, chunk_size, matmul_dtype):
         num_tokens, num_components, _ = features.shape
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         log_normalizer = LOG_NORMALIZERS[component]
+        logits = _Logits(weight, bias, matmul_dtype, dtype)
         out = features.new_empty(num_tokens, weight.shape[0], dtype=dtype)  # [N, V]
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, start + chunk_size)
             acc = out[rows]  # [C, V] view: the running log-sum
             for k in range(num_components):
-                term = log_normalizer(_component_logits(features[rows, k], weight, bias, dtype))
+                term = log_normalizer(logits(features[rows, k]))
                 term += log_prior[rows, k, None].to(dtype)
                 if k == 0:
                     acc.copy_(term)
                 else:
                     torch.logaddexp(acc, term, out=acc)
         ctx.save_for_backward(log_prior, features, weight, bias, out)
-        ctx.component, ctx.chunk_size = component, chunk_size
+        ctx.component, ctx.chunk_size, ctx.matmul_dtype = component, chunk_size, matmul_dtype
         return out
 
     @staticmethod
@@ -94,6 +105,7 @@ class _StreamingMixture(torch.autograd.Function):
         log_prior, features, weight, bias, out = ctx.saved_tensors
         log_normalizer = LOG_NORMALIZERS[ctx.component]
         dtype = out.dtype
+        logits = _Logits(weight, bias, ctx.matmul_dtype, dtype)
         weight_c = weight.to(dtype)  # [V, D]
         grad_prior = torch.zeros_like(log_prior, dtype=dtype)  # [N, K]
         grad_features = torch.zeros_like(features, dtype=dtype)  # [N, K, D]
@@ -104,7 +116,7 @@ class _StreamingMixture(torch.autograd.Function):
             for k in range(features.shape[1]):
                 feats = features[rows, k]  # [C, D]
                 with torch.enable_grad():
-                    z = _component_logits(feats, weight, bias, dtype).requires_grad_()  # [C, V]
+                    z = logits(feats).requires_grad_()  # [C, V]
                     log_f = log_normalizer(z)
                 # d out / d term_k = responsibility r_k = exp(term_k - out), with term_k = log pi_k + log f_k
                 grad_term = (log_f.detach() + log_prior[rows, k, None].to(dtype) - out[rows]).exp_()
@@ -122,6 +134,7 @@ class _StreamingMixture(torch.autograd.Function):
             None if bias is None else grad_bias.to(bias.dtype),
             None,
             None,
+            None,
         )
 
 
@@ -137,8 +150,9 @@ def log_mixture_linear(
     r"""log sum_k pi_k * f(features_k W^T + b): a mixture of K softmaxes / sigsoftmaxes over a shared output layer,
     computed in token chunks without materialising K `[N x V]` tensors.
 
-    Equal to ``log_mixture(log_prior, f(features @ W.T + b))`` (the reference), forward and backward. The result is
-    float32 (float64 for float64 weights) whatever the input dtype, since log-probabilities need the precision.
+    Equal to ``log_mixture(log_prior, f(features @ W.T + b))`` (the reference), forward and backward. The matmuls
+    run in the weight's dtype (or the autocast dtype under ``torch.autocast``); the normaliser, the mixture and the
+    result are float32 (float64 for float64 weights), since log-probabilities need the precision.
     Peak memory: the output plus a few `[chunk_size x V]` temporaries; the backward pass saves only the inputs and
     the output.
 
@@ -176,4 +190,7 @@ def log_mixture_linear(
         chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size}")
-    return _StreamingMixture.apply(log_prior, features, weight, bias, component, chunk_size)
+    device_type = weight.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+    return _StreamingMixture.apply(log_prior, features, weight, bias, component, chunk_size, matmul_dtype)

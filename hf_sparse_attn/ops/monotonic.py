@@ -16,8 +16,9 @@ Evaluation is a table look-up, O(1) per logit: with i = clamp(floor((z + T) / de
 
     f(z) = s_i * z + a_i,    a_i = x_i * (1 - s_i) + delta * sum_{j<i} (s_j - 1),
 
-where a is a cumulative sum over the K - 1 slopes (a = 0 at the identity, so the identity is exact). The backward
-pass saves only z (4 bytes per logit) and recomputes i.
+where a is a cumulative sum over the K - 1 slopes (a = 0 at the identity, so the identity is exact). The look-up
+runs in chunks of logits, so its integer indices never take a `[tokens x V]` buffer, and the backward pass saves
+only z (4 bytes per logit) and recomputes i.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SLOPE_OFFSET", "monotonic_transform"]
+
+#: logits per look-up chunk (the int64 segment indices of one chunk take 32 MiB)
+CHUNK_ELEMENTS = 2**22
 
 #: log(e - 1): slope = softplus(theta + SLOPE_OFFSET), so theta = 0 means slope 1 (the identity).
 SLOPE_OFFSET: float = math.log(math.expm1(1.0))
@@ -40,18 +44,19 @@ def _segment_index(z: torch.Tensor, knot_range: float, num_segments: int) -> tor
     return u.nan_to_num_(nan=0.0).long()  # a NaN logit stays NaN in the output instead of breaking the gather
 
 
-def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # table [S], index [R, V] -> table[index]; gather on an expanded view is the fastest look-up on CPU.
-    return torch.gather(table.expand(index.shape[0], -1), 1, index)
+def _chunks(num_elements: int) -> list[slice]:
+    return [slice(start, start + CHUNK_ELEMENTS) for start in range(0, num_elements, CHUNK_ELEMENTS)]
 
 
 class _PiecewiseLinear(torch.autograd.Function):
-    """y = slopes[i(z)] * z + intercepts[i(z)] for z [R, V]; the backward recomputes the segment index i(z)."""
+    """y = slopes[i(z)] * z + intercepts[i(z)] for a flat z `[M]`; the backward recomputes the segment index i(z)."""
 
     @staticmethod
     def forward(ctx, z, slopes, intercepts, knot_range):
-        index = _segment_index(z, knot_range, slopes.numel())  # [R, V]
-        y = torch.addcmul(_lookup(intercepts, index), _lookup(slopes, index), z)
+        y = torch.empty_like(z)  # [M]
+        for part in _chunks(z.numel()):
+            index = _segment_index(z[part], knot_range, slopes.numel())  # [C]
+            torch.addcmul(intercepts[index], slopes[index], z[part], out=y[part])
         ctx.save_for_backward(z, slopes)
         ctx.knot_range = knot_range
         return y
@@ -60,12 +65,16 @@ class _PiecewiseLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         z, slopes = ctx.saved_tensors
-        index = _segment_index(z, ctx.knot_range, slopes.numel())  # [R, V]
-        grad_z = grad * _lookup(slopes, index) if ctx.needs_input_grad[0] else None
-        flat_index = index.view(-1)
-        # dy/ds_i = z and dy/da_i = 1 on the logits that fall in segment i.
-        grad_slopes = slopes.new_zeros(slopes.shape).index_add_(0, flat_index, (grad * z).view(-1))
-        grad_intercepts = slopes.new_zeros(slopes.shape).index_add_(0, flat_index, grad.reshape(-1))
+        grad = grad.contiguous()
+        grad_z = torch.empty_like(z) if ctx.needs_input_grad[0] else None  # [M]
+        grad_slopes, grad_intercepts = torch.zeros_like(slopes), torch.zeros_like(slopes)  # [K-1]
+        for part in _chunks(z.numel()):
+            index = _segment_index(z[part], ctx.knot_range, slopes.numel())  # [C]
+            if grad_z is not None:
+                torch.mul(grad[part], slopes[index], out=grad_z[part])
+            # dy/ds_i = z and dy/da_i = 1 on the logits that fall in segment i
+            grad_slopes.index_add_(0, index, grad[part] * z[part])
+            grad_intercepts.index_add_(0, index, grad[part])
         return grad_z, grad_slopes, grad_intercepts, None
 
 
@@ -105,5 +114,5 @@ def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float)
     excess = delta * torch.cumsum(slopes - 1.0, dim=0)  # [K-1]; f(x_i) - x_i = excess[i-1]
     intercepts = left_knots * (1.0 - slopes) + F.pad(excess[:-1], (1, 0))  # [K-1]
     zf = z.to(compute_dtype)
-    y = _PiecewiseLinear.apply(zf.reshape(1, -1), slopes, intercepts, float(knot_range))  # [1, numel]
+    y = _PiecewiseLinear.apply(zf.reshape(-1), slopes, intercepts, float(knot_range))  # [numel]
     return y.view(z.shape).to(z.dtype)

@@ -12,6 +12,11 @@ In log space, with g(z) = z + log sigmoid(z) = 2z - softplus(z),
 Unlike softmax, sigsoftmax is **not** shift-invariant (sigmoid(z + c) != sigmoid(z)), so z must never be max-shifted;
 the numerical shift happens on g, inside ``logsumexp``. ``softplus`` switches to the identity for large z and
 ``logsumexp`` subtracts its own maximum, so logits of any size (1e4 or -1e4 included) give finite results.
+
+The backward pass is hand-derived so that only z and the output are kept (not g and the softplus): with
+p = exp(log sigsoftmax(z)) and upstream gradient G,
+
+    dz = (G - p * sum(G)) * (2 - sigmoid(z)).
 """
 
 from __future__ import annotations
@@ -25,6 +30,23 @@ __all__ = ["log_sigsoftmax", "sigsoftmax"]
 def _upcast(z: torch.Tensor) -> torch.Tensor:
     # fp16 overflows at 65504 and bf16 keeps 8 mantissa bits: the normaliser runs in float32.
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+class _LogSigsoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, dim):
+        g = F.softplus(z).neg_().add_(z, alpha=2.0)  # 2z - softplus(z), one temporary
+        out = torch.log_softmax(g, dim=dim)  # = g - logsumexp(g), shifted by max(g) inside
+        ctx.save_for_backward(z, out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        z, out = ctx.saved_tensors
+        grad_g = out.exp().mul_(grad.sum(ctx.dim, keepdim=True)).neg_().add_(grad)  # G - p * sum(G)
+        return grad_g.mul_(torch.sigmoid(z).neg_().add_(2.0)), None
 
 
 def log_sigsoftmax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -47,9 +69,7 @@ def log_sigsoftmax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
         >>> torch.allclose(log_sigsoftmax(z + 1.0), log_sigsoftmax(z))  # not shift-invariant
         False
     """
-    zf = _upcast(z)
-    g = 2.0 * zf - F.softplus(zf)
-    return torch.log_softmax(g, dim=dim).to(z.dtype)  # = g - logsumexp(g), shifted by max(g) inside
+    return _LogSigsoftmax.apply(_upcast(z), dim).to(z.dtype)
 
 
 def sigsoftmax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:

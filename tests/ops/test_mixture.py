@@ -101,6 +101,21 @@ def test_half_inputs_give_float32_log_probs(dtype):
     torch.testing.assert_close(out, composed_reference(*tensors, "softmax"), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("component", ["softmax", "sigsoftmax"])
+def test_autocast_bfloat16_matches_float32(component):
+    tensors = [t.detach().float().requires_grad_() if t is not None else None for t in inputs()]
+    grad = torch.randn(7, 11, generator=torch.Generator().manual_seed(3))
+    expected = composed_reference(*tensors, component)
+    want = torch.autograd.grad(expected, tensors, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = log_mixture_linear(*tensors, component=component, chunk_size=3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
+    for got, ref in zip(torch.autograd.grad(out, tensors, grad), want, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=5e-2 * ref.abs().max().item(), rtol=5e-2)
+
+
 @pytest.mark.parametrize("num_components", [1, 4])
 def test_backward_saves_only_inputs_and_output(num_components):
     """Whatever K, autograd keeps the output [N, V] and the (small) inputs, never K [N, V] component tensors."""

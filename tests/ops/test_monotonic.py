@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_sparse_attn.ops import monotonic
 from hf_sparse_attn.ops.monotonic import monotonic_transform
 
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -56,6 +57,19 @@ def test_matches_sum_of_ramps_forward_and_backward(num_knots, knot_range):
     got = torch.autograd.grad(out, (z, theta), grad)
     want = torch.autograd.grad(expected, (z, theta), grad)
     torch.testing.assert_close(got, want)
+
+
+def test_chunked_lookup_matches_single_chunk(monkeypatch):
+    theta = random_theta(12, seed=8).requires_grad_()
+    z = (torch.randn(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 4).requires_grad_()
+    grad = torch.randn(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    expected = ramps_reference(z, theta, 3.0)
+    monkeypatch.setattr(monotonic, "CHUNK_ELEMENTS", 7)  # 45 logits -> 7 chunks, the last one partial
+    out = monotonic_transform(z, theta, 3.0)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (z, theta), grad), torch.autograd.grad(expected, (z, theta), grad)
+    )
 
 
 def test_gradcheck_float64():
