@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_sparse_attn.config import HEAD_NAMES
 from hf_sparse_attn.ops.mixture import log_mixture_linear
 from hf_sparse_attn.ops.monotonic import monotonic_transform
 from hf_sparse_attn.ops.sigsoftmax import log_sigsoftmax
@@ -263,7 +264,6 @@ class MixtureHead(_LogProbHead):
 _MIXTURE_NAMES = {"softmax": "mos", "sigsoftmax": "moss"}
 
 #: every name ``build_head`` accepts; "softmax" keeps the plain output layer
-HEAD_NAMES = ("softmax", "sigsoftmax", "mos", "moss", "plif")
 
 
 def build_head(

@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from hf_sparse_attn.config import HEAD_NAMES, Sparsity
+from hf_sparse_attn.config import HEAD_NAMES, PatchConfig, Sparsity
 from hf_sparse_attn.patch import get_patch_config, patch_model
 from hf_sparse_attn.recipe_data import read_text_lines, split_lines, token_blocks
 from hf_sparse_attn.training import SparsityLoggingCallback, SparsityScheduleCallback, add_first
@@ -130,9 +130,13 @@ class PatchArguments:
     head: str | None = field(
         default=None, metadata={"help": "LM head (causal / masked LM only)", "choices": HEAD_NAMES}
     )
-    num_mixtures: int = field(default=2, metadata={"help": "mixture components K of the mos / moss heads"})
-    num_knots: int = field(default=1000, metadata={"help": "knots of the plif head"})
-    knot_range: float = field(default=20.0, metadata={"help": "the plif knots span [-knot_range, knot_range]"})
+    num_mixtures: int = field(
+        default=PatchConfig.num_mixtures, metadata={"help": "mixture components K of the mos / moss heads"}
+    )
+    num_knots: int = field(default=PatchConfig.num_knots, metadata={"help": "knots of the plif head"})
+    knot_range: float = field(
+        default=PatchConfig.knot_range, metadata={"help": "the plif knots span [-knot_range, knot_range]"}
+    )
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)"})

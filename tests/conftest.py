@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import transformers  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 transformers.logging.set_verbosity_error()
@@ -57,6 +58,16 @@ def padded_batch(batch_size: int = 3, length: int = 12, vocab_size: int = 99, se
     for row in range(1, batch_size):
         attention_mask[row, length - 2 * row :] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def word_tokenizer(vocab_size: int = 99) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer built offline: ``<s>`` = 0, ``<eos>`` = 1, ``<unk>`` = 2, ``w3`` ... ."""
+    vocab = {"<s>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,9 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(command: list[str], cwd: Path, timeout: int = 300) -> None:
+    """Run a launcher and its worker processes in their own process group, killed as a whole on timeout (killing
+    only the launcher would leave the workers waiting on each other)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
 
 
 def train_logs(output_dir: Path) -> list[dict]:
@@ -57,9 +68,10 @@ def test_two_processes_match_one_process(lm_setup):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate command is not on PATH")
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    # `--cpu` would start a single process; --multi_gpu on a machine without GPUs gives 2 CPU processes over gloo
+    # the shipped DDP config; on a machine without GPUs it gives 2 CPU processes over gloo (`--cpu` would start only
+    # one); bf16 autocast is turned off to compare with fp32
+    config = REPO / "recipes" / "accelerate" / "multi_gpu.yaml"
+    launch = [accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no"]
     run([*launch, str(REPO / "recipes" / "causal_lm.py"), *args, "--per_device_train_batch_size", "2",
          "--output_dir", str(folder / "two")], cwd=folder)  # fmt: skip
     recipe("causal_lm").main([*args, "--per_device_train_batch_size", "4", "--output_dir", str(folder / "one")])
@@ -74,6 +86,21 @@ def test_two_processes_match_one_process(lm_setup):
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     config = json.loads((folder / "two" / "config.json").read_text())  # saved once, by the main process
     assert config["hf_sparse_attn"]["head"] == "moss" and config["hf_sparse_attn"]["sparsity"] == 0.3
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")],
+)
+def test_accelerate_configs_load(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == distributed_type
+    assert config.mixed_precision == "bf16"
+    if name == "fsdp":  # FSDP2 keeps the original modules, which the sparsity callbacks use
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # a normal checkpoint with the patch
 
 
 FSDP_SCRIPT = """

@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import padded_batch, tiny_model
+from conftest import padded_batch, tiny_model, word_tokenizer
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -37,16 +36,6 @@ MODELS = {
     "roberta": transformers.RobertaForMaskedLM,
 }
 VOCAB = 99
-
-
-def word_tokenizer(vocab_size: int = VOCAB) -> transformers.PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer built offline: ``<s>`` = 0, ``<eos>`` = 1, ``<unk>`` = 2, ``w3`` ... ."""
-    vocab = {"<s>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
-    )
 
 
 def patched(model_type: str, head: str, seed: int = 0) -> transformers.PreTrainedModel:

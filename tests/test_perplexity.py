@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
-from test_heads import word_tokenizer
+from conftest import tiny_model, word_tokenizer
 
 import hf_sparse_attn
 from hf_sparse_attn import cli
