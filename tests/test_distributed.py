@@ -141,7 +141,6 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.slow  # two more process start-ups (~30 s on 2 busy cores)
 def test_fsdp2_sharded_step_matches_unsharded(tmp_path):
     """accelerate routes FSDP only to GPU-like devices (a CPU run becomes plain DDP), so FSDP is exercised here
     directly with torch's ``fully_shard`` on 2 gloo processes: one SGD step of the sharded, patched GPT-2 with a MoSS
