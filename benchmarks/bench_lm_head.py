@@ -34,6 +34,7 @@ from benchmarks.common import (
     MODES,
     RESULTS_DIR,
     add_speedups,
+    available_providers,
     format_table,
     machine_info,
     run_grid,
@@ -116,12 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    providers = [BASELINE] + [p for p in args.providers if p != BASELINE]
-    for provider in list(providers):
-        reason = unavailable(provider, device)
-        if reason:
-            print(f"skipping {provider}: {reason}")
-            providers.remove(provider)
+    providers = available_providers(args.providers, BASELINE, unavailable, device)
     cases = [
         ({"T": tokens, "d": args.hidden_size, "V": args.vocab}, dtype)
         for tokens in args.tokens

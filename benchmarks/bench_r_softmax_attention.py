@@ -33,6 +33,7 @@ from benchmarks.common import (
     MODES,
     RESULTS_DIR,
     add_speedups,
+    available_providers,
     format_table,
     machine_info,
     run_grid,
@@ -175,12 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    providers = [BASELINE] + [p for p in args.providers if p != BASELINE]
-    for provider in list(providers):
-        reason = unavailable(provider, device)
-        if reason:
-            print(f"skipping {provider}: {reason}")
-            providers.remove(provider)
+    providers = available_providers(args.providers, BASELINE, unavailable, device)
     cases = [
         ({"B": args.batch, "H": args.heads, "N": n, "D": args.head_dim, "mask": mask}, dtype)
         for mask in args.masks

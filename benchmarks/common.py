@@ -108,6 +108,20 @@ def measure(
     return list(times), peak
 
 
+def available_providers(
+    requested: list[str], baseline: str, unavailable: Callable[[str, torch.device], str | None], device: torch.device
+) -> list[str]:
+    """``baseline`` first, then the requested providers that can run on ``device`` (the others are reported)."""
+    providers = []
+    for provider in [baseline] + [p for p in requested if p != baseline]:
+        reason = unavailable(provider, device)
+        if reason:
+            print(f"skipping {provider}: {reason}")
+        else:
+            providers.append(provider)
+    return providers
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
