@@ -1,4 +1,5 @@
-"""Sliding-window perplexity of a causal LM on a text file, and the ``hf-sparse-attn eval-ppl`` command.
+"""Sliding-window perplexity of a causal LM on a text file or a Hub dataset, and the ``hf-sparse-attn eval-ppl``
+command.
 
 The text is tokenised as one sequence and scored in windows of ``max_length`` tokens that start every ``stride``
 tokens (the strided evaluation of the transformers perplexity guide). Each token is scored exactly once, in the
@@ -10,38 +11,69 @@ token of a window that has nothing before it is not scored (only the very first 
     perplexity = exp( sum_t -log p(x_t | context_t) / number of scored tokens )
 
 It works for plain and patched models alike: the model's ``logits`` go through ``log_softmax``, which leaves the
-log-probabilities of our heads unchanged.
+log-probabilities of our heads unchanged. The text is read with ``datasets`` (a file as one document, or a Hub
+dataset's split joined with blank lines as in the transformers perplexity guide), and the score is computed by the
+packaged ``evaluate`` perplexity module (:mod:`hf_sparse_attn.metrics`).
+
+torch, transformers and datasets are imported inside the functions, so ``hf-sparse-attn eval-ppl --help`` is fast.
 
 Examples::
 
-    $ hf-sparse-attn eval-ppl --model gpt2-moss --file ../shared/data/wikitext-2/wiki.test.tokens.gz
+    $ hf-sparse-attn eval-ppl --model gpt2-moss --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1
+    $ hf-sparse-attn eval-ppl --model gpt2-moss --file wiki.test.tokens.gz
     $ hf-sparse-attn eval-ppl --model ckpt --tokenizer gpt2 --file notes.txt --max-length 512 --stride 256
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
-#: ``--dtype`` choices; "auto" keeps the checkpoint's dtype
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype`` choices (names of torch dtypes); "auto" keeps the checkpoint's dtype
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The UTF-8 text of ``path``; files ending in ``.gz`` are decompressed."""
-    opener = gzip.open if os.fspath(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+def load_eval_text(
+    file: str | os.PathLike | None = None,
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "test",
+    text_column: str = "text",
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+) -> str:
+    """The text to score: the whole of ``file`` (UTF-8; ``.gz`` is decompressed), or the ``text_column`` of a Hub
+    dataset's ``split`` (or a local dataset folder) joined with blank lines, as the transformers perplexity guide does
+    (``"\\n\\n".join(test["text"])``). Exactly one of ``file`` and ``dataset_name``.
+
+    Examples::
+
+        >>> text = load_eval_text(dataset_name="wikitext", dataset_config_name="wikitext-2-raw-v1")
+        >>> text = load_eval_text("wiki.test.tokens.gz")
+    """
+    import datasets
+
+    if (file is None) == (dataset_name is None):
+        raise ValueError("give exactly one of --file (a text file) and --dataset-name (a Hub dataset or folder)")
+    if file is not None:
+        if not os.path.isfile(file):
+            raise ValueError(f"--file: {file} is not a file")
+        loaded = datasets.load_dataset("text", data_files=os.fspath(file), sample_by="document", split="train")
+        return "".join(loaded["text"])
+    loaded = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, token=token)
+    if text_column not in loaded.column_names:
+        raise ValueError(
+            f"--text-column: {dataset_name} has no column {text_column!r} ({', '.join(loaded.column_names)})"
+        )
+    return "\n\n".join(loaded[text_column])
 
 
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -71,24 +103,26 @@ def _model_max_length(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-@torch.no_grad()
 def perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    text_path: str | os.PathLike,
+    text_path: str | os.PathLike | None = None,
     *,
+    text: str | None = None,
     stride: int | None = None,
     max_length: int | None = None,
     batch_size: int = 1,
-    device: str | torch.device | None = None,
+    device: str | Any | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    r"""Sliding-window perplexity of the causal LM ``model`` on the text file ``text_path`` (plain or ``.gz``).
+    r"""Sliding-window perplexity of the causal LM ``model`` on the text file ``text_path`` (plain or ``.gz``) or on
+    ``text``.
 
     Args:
         model (`nn.Module`): a transformers causal LM (plain or patched by ``hf_sparse_attn``).
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
-        text_path (`str | os.PathLike`): UTF-8 text, read whole and tokenised as one sequence.
+        text_path (`str | os.PathLike`, *optional*): UTF-8 text file, read whole and tokenised as one sequence.
+        text (`str`, *optional*): the text itself (e.g. from :func:`load_eval_text`), instead of ``text_path``.
         stride (`int`, *optional*): tokens between window starts, in ``[1, max_length]``; default ``max_length // 2``.
         max_length (`int`, *optional*): window length (>= 2); default the model's maximum number of positions.
         batch_size (`int`, *optional*, defaults to 1): windows per forward pass.
@@ -104,6 +138,11 @@ def perplexity(
         >>> result = perplexity(model, tokenizer, "wiki.valid.tokens.gz", max_length=1024, stride=512)
         >>> round(result["perplexity"], 2)
     """
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_sparse_attn.metrics import load_perplexity_metric
+
     if not (hasattr(model, "can_generate") and model.can_generate()):
         raise ValueError(
             f"model must be a causal language model (e.g. GPT2LMHeadModel); got {type(model).__name__}, whose "
@@ -119,16 +158,19 @@ def perplexity(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
 
+    if (text_path is None) == (text is None):
+        raise ValueError("give exactly one of text_path and text")
+    if text is None:
+        text = load_eval_text(text_path)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    ids = torch.tensor(tokenizer(read_text(text_path), verbose=False)["input_ids"], dtype=torch.long)  # [N]
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # [N]
     windows = sliding_windows(len(ids), max_length, stride)
     if not windows:
-        raise ValueError(f"{text_path}: the text has {len(ids)} token(s); at least 2 are needed")
+        raise ValueError(f"{text_path or 'text'}: the text has {len(ids)} token(s); at least 2 are needed")
 
+    metric = load_perplexity_metric()
     start = time.perf_counter()
-    total_nll = 0.0
-    num_scored = 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         width = max(end - begin for begin, end, _ in batch)
@@ -140,16 +182,18 @@ def perplexity(
             attention_mask[row, : end - begin] = 1
             scored[row, first - begin - 1 : end - begin - 1] = True
         input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # [B, L-1, V]
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # [B, L-1, V]
         log_probs = torch.log_softmax(logits, dim=-1)  # the identity on our heads' log-probabilities
         nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
-        total_nll += nll[scored].double().sum().item()
-        num_scored += int(scored.sum())
+        # >= 0: log_softmax of a head's log-probabilities can round to +1e-7 where p ~ 1
+        metric.add_batch(predictions=nll[scored].clamp(min=0.0).double().tolist())
     seconds = time.perf_counter() - start
-    mean_nll = total_nll / num_scored
+    score = metric.compute()
+    num_scored = score["num_tokens"]
     return {
-        "perplexity": math.exp(mean_nll),
-        "nll": mean_nll,
+        "perplexity": score["perplexity"],
+        "nll": score["nll"],
         "num_tokens": num_scored,
         "num_windows": len(windows),
         "max_length": max_length,
@@ -169,37 +213,53 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-sparse-attn eval-ppl``."""
     parser.add_argument("--model", required=True, help="checkpoint dir or Hub id (patched or plain causal LM)")
-    parser.add_argument("--file", required=True, help="UTF-8 text file to score (.gz is decompressed)")
+    parser.add_argument("--file", help="UTF-8 text file to score (.gz is decompressed)")
+    parser.add_argument("--dataset-name", help="instead of --file: a Hub dataset (e.g. wikitext) or dataset folder")
+    parser.add_argument("--dataset-config-name", help="its configuration (e.g. wikitext-2-raw-v1)")
+    parser.add_argument("--split", default="test", help="the dataset split to score (default: test)")
+    parser.add_argument("--text-column", default="text", help="the dataset column holding the text (default: text)")
     parser.add_argument("--tokenizer", help="tokenizer dir or Hub id (default: the --model path)")
     parser.add_argument("--max-length", type=_positive_int, help="window length (default: the model's positions)")
     parser.add_argument("--stride", type=_positive_int, help="tokens between windows (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: as saved)")
     parser.add_argument("--output", help="also write the result as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load ``--model`` with :func:`hf_sparse_attn.from_pretrained` and print its perplexity on ``--file``."""
+    """Load ``--model`` with :func:`hf_sparse_attn.from_pretrained` and print its perplexity on ``--file`` or the
+    ``--dataset-name`` split."""
+    import torch
+    from transformers import AutoTokenizer
+
     from hf_sparse_attn.patch import from_pretrained
 
-    model = from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    text = load_eval_text(
+        args.file,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        split=args.split,
+        text_column=args.text_column,
+    )
+    model = from_pretrained(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = perplexity(
         model,
         tokenizer,
-        args.file,
+        text=text,
         stride=args.stride,
         max_length=args.max_length,
         batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress,
     )
-    result = {"model": args.model, "file": args.file, **result}
+    source = args.file or " ".join(filter(None, (args.dataset_name, args.dataset_config_name, args.split)))
+    result = {"model": args.model, "file": args.file, "dataset_name": args.dataset_name, **result}
     print(
-        f"{args.file}: perplexity {result['perplexity']:.3f} (mean NLL {result['nll']:.4f} nats) over "
+        f"{source}: perplexity {result['perplexity']:.3f} (mean NLL {result['nll']:.4f} nats) over "
         f"{result['num_tokens']} tokens in {result['num_windows']} windows of {result['max_length']} "
         f"(stride {result['stride']}); {result['seconds']:.1f} s, {result['tokens_per_second']:.0f} tokens/s"
     )

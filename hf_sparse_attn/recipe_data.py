@@ -1,63 +1,58 @@
-"""Data for the fine-tuning recipes: GLUE tasks (local TSV release or the Hub), text corpora, and the metrics.
+"""Data for the fine-tuning recipes, loaded with 🤗 ``datasets``: GLUE (the Hub's ``nyu-mll/glue`` or the local TSV
+release), any classification dataset (a Hub name, a local dataset folder, or csv / tsv / json files), and text corpora
+(a Hub name or ``.txt`` / ``.tokens`` / ``.gz`` files) cut into blocks of tokens.
 
-GLUE TSVs are read as plain tab-separated text without CSV quoting: several rows contain or begin with ``"``
-(RTE train, MRPC, STS-B), and a quoting reader silently merges or drops rows. MRPC files start with a UTF-8
-byte-order mark and CoLA files have no header; :data:`GLUE_TASKS` records each layout. The loaded columns and
-label ids are those of the Hub's ``nyu-mll/glue`` dataset, so a local run and a Hub run see the same data.
+GLUE TSVs are read by the ``csv`` builder as plain tab-separated text *without* CSV quoting: several rows contain or
+begin with ``"`` (RTE train, MRPC, STS-B), and a quoting reader silently merges or drops rows. MRPC files start with a
+UTF-8 byte-order mark (``utf-8-sig``), CoLA train/dev have no header, and the test files have their own columns;
+:data:`GLUE_TASKS` records each layout. Every field is read as a string (no ``NA``/``nan`` guessing), then labels
+are converted and checked, with errors naming the file and line. The columns, label ids and features are those of
+``nyu-mll/glue``, so a local run and a Hub run see the same data.
 
-The metrics are the GLUE ones, as ``evaluate.load("glue", task)`` computes them (accuracy, F1 of the positive
-class, Matthews correlation, Pearson and Spearman correlation) with the same scikit-learn / SciPy functions and
-key names; ``evaluate`` itself downloads its metric scripts from the Hub, which offline machines cannot reach.
+Text corpora are split into lines by the ``text`` builder (line breaks kept, as ``run_clm.py`` does), tokenised and
+concatenated into blocks with ``Dataset.map(batched=True, num_proc=...)``, which ``datasets`` caches.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
+import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
-from transformers import EvalPrediction, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+import datasets
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-#: metric name (as ``evaluate``'s GLUE metric reports it) -> function of (predictions, references)
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": lambda predictions, references: float(np.mean(predictions == references)),
-    "f1": lambda predictions, references: float(f1_score(references, predictions)),
-    "matthews_correlation": lambda predictions, references: float(matthews_corrcoef(references, predictions)),
-    "pearson": lambda predictions, references: float(pearsonr(predictions, references)[0]),
-    "spearmanr": lambda predictions, references: float(spearmanr(predictions, references)[0]),
-}
+#: the Hub dataset a ``--task_name`` loads without local files
+GLUE_HUB_NAME = "nyu-mll/glue"
 
 
 @dataclass(frozen=True)
 class GlueTask:
-    """Layout and metric of one GLUE task.
+    """Layout of one GLUE task in the TSV release and its labels.
 
     Args:
-        directory: folder of the task in the GLUE release (``glue/<directory>/{train,dev}.tsv``).
-        header: whether the TSVs start with a header line.
-        text_columns: TSV column index of each text field, in the order of ``columns``.
-        label_column: TSV column index of the label.
-        columns: names of the text fields (those of the Hub dataset).
+        directory: folder of the task in the GLUE release (``glue/<directory>/{train,dev,test}.tsv``).
+        header: whether train.tsv / dev.tsv start with a header line (test.tsv always does).
+        columns: names given to the fields of train.tsv / dev.tsv, in file order.
+        test_columns: names given to the fields of test.tsv, in file order.
+        text_columns: the text fields (named as in the Hub dataset).
         tsv_labels: label strings as written in the TSV, in label-id order; empty for regression.
-        label_names: human-readable names of the label ids (``id2label``).
-        metrics: names in :data:`METRICS`.
+        label_names: the Hub's names of the label ids (``id2label``).
     """
 
     directory: str
     header: bool
-    text_columns: tuple[int, ...]
-    label_column: int
     columns: tuple[str, ...]
+    test_columns: tuple[str, ...]
+    text_columns: tuple[str, ...]
     tsv_labels: tuple[str, ...]
     label_names: tuple[str, ...]
-    metrics: tuple[str, ...]
 
     @property
     def is_regression(self) -> bool:
@@ -68,128 +63,419 @@ class GlueTask:
         return 1 if self.is_regression else len(self.tsv_labels)
 
 
+_STSB = ("idx", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2")
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("CoLA", False, (3,), 1, ("sentence",), ("0", "1"), ("unacceptable", "acceptable"),
-                     ("matthews_correlation",)),
-    "sst2": GlueTask("SST-2", True, (0,), 1, ("sentence",), ("0", "1"), ("negative", "positive"), ("accuracy",)),
-    "mrpc": GlueTask("MRPC", True, (3, 4), 0, ("sentence1", "sentence2"), ("0", "1"),
-                     ("not_equivalent", "equivalent"), ("accuracy", "f1")),
-    "stsb": GlueTask("STS-B", True, (7, 8), 9, ("sentence1", "sentence2"), (), (), ("pearson", "spearmanr")),
-    "rte": GlueTask("RTE", True, (1, 2), 3, ("sentence1", "sentence2"), ("entailment", "not_entailment"),
-                    ("entailment", "not_entailment"), ("accuracy",)),
+    "cola": GlueTask("CoLA", False, ("source", "label", "author_label", "sentence"), ("idx", "sentence"),
+                     ("sentence",), ("0", "1"), ("unacceptable", "acceptable")),
+    "sst2": GlueTask("SST-2", True, ("sentence", "label"), ("idx", "sentence"), ("sentence",), ("0", "1"),
+                     ("negative", "positive")),
+    "mrpc": GlueTask("MRPC", True, ("label", "id1", "id2", "sentence1", "sentence2"),
+                     ("idx", "id1", "id2", "sentence1", "sentence2"), ("sentence1", "sentence2"), ("0", "1"),
+                     ("not_equivalent", "equivalent")),
+    "stsb": GlueTask("STS-B", True, (*_STSB, "label"), _STSB, ("sentence1", "sentence2"), (), ()),
+    "rte": GlueTask("RTE", True, ("idx", "sentence1", "sentence2", "label"), ("idx", "sentence1", "sentence2"),
+                    ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("entailment", "not_entailment")),
 }  # fmt: skip
 
-#: local split file name -> Hub split name
-SPLITS = {"train": "train", "dev": "validation"}
+#: split name -> file name (without ``.tsv``) in the GLUE release
+GLUE_FILES = {"train": "train", "validation": "dev", "test": "test"}
 
 
 def glue_task(name: str) -> GlueTask:
     """The :data:`GLUE_TASKS` entry for ``name``; ``ValueError`` listing the tasks otherwise."""
     if name not in GLUE_TASKS:
-        raise ValueError(f"task must be one of {', '.join(GLUE_TASKS)}; got {name!r}")
+        raise ValueError(f"--task_name must be one of {', '.join(GLUE_TASKS)}; got {name!r}")
     return GLUE_TASKS[name]
 
 
-def read_glue_tsv(path: str | os.PathLike, task: GlueTask) -> dict[str, list]:
-    """Read one labelled GLUE TSV (train or dev) into columns ``{*task.columns, "label"}``.
-
-    Labels become ids (the index in ``task.tsv_labels``) or floats for regression. Raises ``ValueError`` naming
-    the file and line for a row with too few fields or an unknown label.
-
-    Examples::
-
-        >>> data = read_glue_tsv("glue/RTE/dev.tsv", GLUE_TASKS["rte"])
-        >>> len(data["label"]), data["label"][0]
-        (277, 1)
-    """
-    needed = max(*task.text_columns, task.label_column) + 1
-    data: dict[str, list] = {name: [] for name in (*task.columns, "label")}
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC starts with a byte-order mark
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for line, row in enumerate(rows, start=1):
-            if task.header and line == 1:
-                continue
-            if len(row) < needed:
-                raise ValueError(f"{path}:{line}: expected at least {needed} tab-separated fields, got {len(row)}")
-            for name, column in zip(task.columns, task.text_columns, strict=True):
-                data[name].append(row[column])
-            data["label"].append(_label(row[task.label_column], task, f"{path}:{line}"))
-    return data
+def glue_features(task: GlueTask) -> datasets.Features:
+    """The features of ``nyu-mll/glue`` for ``task``: text columns, ``label`` (``ClassLabel``, -1 on the test split;
+    float32 for STS-B) and ``idx``."""
+    label = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names))
+    text = {name: datasets.Value("string") for name in task.text_columns}
+    return datasets.Features({**text, "label": label, "idx": datasets.Value("int32")})
 
 
-def _label(value: str, task: GlueTask, where: str) -> int | float:
+def _label(value: str | None, task: GlueTask, where: str) -> int | float:
+    if value is None:
+        raise ValueError(f"{where}: the row has no label field")
     if task.is_regression:
-        return float(value)
+        try:
+            score = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: label {value!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{where}: label {value!r} is not a finite number (regression labels must be finite)")
+        return score
     if value not in task.tsv_labels:
         raise ValueError(f"{where}: label {value!r} is not one of {task.tsv_labels}")
     return task.tsv_labels.index(value)
 
 
-def load_glue(task_name: str, data_dir: str | os.PathLike | None = None):
-    """GLUE ``train`` and ``validation`` splits as a ``datasets.DatasetDict``.
+def read_glue_tsv(
+    path: str | os.PathLike,
+    task: GlueTask,
+    split: str = "train",
+    *,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """One file of the GLUE TSV release as a ``datasets.Dataset`` with the Hub's columns and features.
 
-    ``data_dir`` is the GLUE release folder (holding ``RTE/``, ``SST-2/``, ...) or the task's own folder (holding
-    ``train.tsv`` and ``dev.tsv``); without it the task is loaded from the Hub (``nyu-mll/glue``).
+    ``split`` picks the layout: ``"test"`` files have their own columns and no labels (``label`` is -1, as on the
+    Hub). Raises ``ValueError`` naming the file and line for a row whose text or label field is empty or missing,
+    an unknown label, or a regression label that is not a finite number (STS-B ``nan``).
 
     Examples::
 
-        >>> load_glue("rte", "../shared/data/glue")["validation"].num_rows
-        277
-        >>> load_glue("sst2")  # from the Hub
+        >>> dev = read_glue_tsv("glue/RTE/dev.tsv", GLUE_TASKS["rte"], "validation")
+        >>> dev.num_rows, dev[0]["label"]
+        (277, 1)
     """
-    import datasets
+    is_test = split == "test"
+    columns = task.test_columns if is_test else task.columns
+    header = is_test or task.header
+    raw = datasets.load_dataset(
+        "csv",
+        data_files=os.fspath(path),
+        split="train",
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,  # rows begin with or contain a literal "
+        encoding="utf-8-sig",  # MRPC starts with a byte-order mark
+        column_names=list(columns),
+        header=0 if header else None,
+        features=datasets.Features({name: datasets.Value("string") for name in columns}),
+        keep_default_na=False,  # "NA", "nan", "null" stay text; labels are checked below
+        na_values=[""],  # empty and missing fields become None (pandas fills a short row's missing fields with "")
+        cache_dir=cache_dir,
+    )
+    first_line = 2 if header else 1
 
-    task = glue_task(task_name)
-    if data_dir is None:
-        hub = datasets.load_dataset("nyu-mll/glue", task_name)
-        return datasets.DatasetDict({split: hub[split] for split in SPLITS.values()})
-    folder = Path(data_dir)
-    if not (folder / "train.tsv").is_file():
-        folder = folder / task.directory
-    files = {split: folder / f"{name}.tsv" for name, split in SPLITS.items()}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"data_dir: {missing[0]} not found; pass the GLUE folder (holding {task.directory}/) or the task folder"
-        )
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_dict(read_glue_tsv(p, task)) for split, p in files.items()}
+    def convert(row: dict[str, str | None], index: int) -> dict[str, Any]:
+        where = f"{path}:{index + first_line}"
+        needed = (*task.text_columns, *(() if is_test else ("label",)))
+        missing = [name for name in needed if row[name] is None]
+        if missing:
+            raise ValueError(
+                f"{where}: field {missing[0]!r} is empty or missing; expected {len(columns)} tab-separated fields "
+                f"({', '.join(columns)})"
+            )
+        label = -1 if is_test else _label(row["label"], task, where)
+        return {**{name: row[name] for name in task.text_columns}, "label": label, "idx": index}
+
+    return raw.map(
+        convert,
+        with_indices=True,
+        remove_columns=list(columns),
+        features=glue_features(task),
+        num_proc=num_proc,
+        desc=f"Reading {Path(path).name}",
     )
 
 
-def glue_metrics(task_name: str) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A Trainer ``compute_metrics`` for the task: argmax of the logits (regression: the single output) against
-    the labels, scored with the task's :data:`METRICS`.
+def load_glue_folder(
+    task_name: str,
+    data_dir: str | os.PathLike,
+    splits: Sequence[str] = ("train", "validation"),
+    *,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+) -> datasets.DatasetDict:
+    """``splits`` of a GLUE task from the TSV release: ``data_dir`` is the release folder (holding ``RTE/``,
+    ``SST-2/``, ...) or the task's own folder (holding ``train.tsv``, ``dev.tsv``, ``test.tsv``).
 
     Examples::
 
-        >>> trainer = Trainer(..., compute_metrics=glue_metrics("mrpc"))  # reports eval_accuracy, eval_f1
+        >>> load_glue_folder("rte", "glue")["validation"].num_rows
+        277
     """
     task = glue_task(task_name)
+    folder = Path(data_dir)
+    if not (folder / "train.tsv").is_file() and (folder / task.directory).is_dir():
+        folder = folder / task.directory
+    files = {split: folder / f"{GLUE_FILES[split]}.tsv" for split in splits}
+    for path in files.values():
+        if not path.is_file():
+            raise ValueError(f"--data_dir: {path} not found; give the GLUE folder (holding {task.directory}/) or the "
+                             "task's folder")  # fmt: skip
+    return datasets.DatasetDict(
+        {split: read_glue_tsv(p, task, split, cache_dir=cache_dir, num_proc=num_proc) for split, p in files.items()}
+    )
 
-    def compute(prediction: EvalPrediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predictions = logits.reshape(-1) if task.is_regression else logits.argmax(-1)  # (N,)
-        return {name: METRICS[name](predictions, prediction.label_ids) for name in task.metrics}
 
-    return compute
+#: file extension -> ``datasets`` builder (``.gz`` files are read through by their inner extension)
+BUILDERS = {"txt": "text", "tokens": "text", "raw": "text", "csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}
 
 
-def read_text_lines(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """All lines of one or more text files (``.gz`` read as gzip), line breaks kept.
+def file_builder(paths: Sequence[str | os.PathLike], option: str) -> tuple[str, dict[str, Any]]:
+    """The ``datasets`` builder and its options for data files: text for ``.txt`` / ``.tokens`` / ``.raw``, csv for
+    ``.csv`` and ``.tsv`` (tab-separated), json for ``.json`` / ``.jsonl``; a trailing ``.gz`` is decompressed.
+    ``option`` names the command-line option in errors."""
+    extensions = set()
+    for path in paths:
+        name = os.fspath(path).removesuffix(".gz")
+        extension = name.rsplit(".", 1)[-1].lower() if "." in Path(name).name else ""
+        if extension not in BUILDERS:
+            raise ValueError(
+                f"{option}: {path} has an unsupported extension; use one of "
+                f"{', '.join('.' + e for e in BUILDERS)} (optionally .gz)"
+            )
+        extensions.add(extension)
+    builders = {BUILDERS[e] for e in extensions}
+    if len(builders) > 1 or extensions >= {"csv", "tsv"}:
+        raise ValueError(f"{option}: all files must have the same format; got {', '.join(sorted(extensions))}")
+    builder = builders.pop()
+    return builder, ({"delimiter": "\t"} if extensions == {"tsv"} else {})
+
+
+def load_text(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: Sequence[str] | None = None,
+    validation_file: Sequence[str] | None = None,
+    validation_split_percentage: int = 5,
+    keep_linebreaks: bool = True,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+) -> datasets.DatasetDict:
+    """``train`` and ``validation`` text for language modelling, from ``dataset_name`` (a Hub dataset, or a local
+    dataset folder: data files, optionally with a README.md that declares configurations as Hub repositories do) or
+    from files.
+
+    Without a validation split (no ``validation_file``, or a Hub dataset without one), the last
+    ``validation_split_percentage`` % of the training rows is held out: ``split="train[:95%]"`` and
+    ``"train[95%:]"``. Text files give one row per line.
 
     Examples::
 
-        >>> lines = read_text_lines(["ptb/ptb.train.txt.gz", "extra.txt"])
+        >>> load_text(dataset_name="wikitext", dataset_config_name="wikitext-2-raw-v1")
+        >>> load_text(train_file=["ptb.train.txt.gz"], validation_file=["ptb.valid.txt.gz"])
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    lines: list[str] = []
-    for path in paths:
-        opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines.extend(f)
-    return lines
+    if not 0 < validation_split_percentage < 100:
+        raise ValueError(f"--validation_split_percentage must be an int in [1, 99]; got {validation_split_percentage}")
+    hub = {"cache_dir": cache_dir, "token": token}
+    keep = 100 - validation_split_percentage
+    if dataset_name is not None:
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, **hub)
+        if "validation" in raw:
+            return datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+        load = {"path": dataset_name, "name": dataset_config_name, **hub}
+    elif train_file:
+        files = {"train": list(train_file), **({"validation": list(validation_file)} if validation_file else {})}
+        builder, options = file_builder([p for group in files.values() for p in group], "--train_file")
+        if builder == "text":
+            options["keep_linebreaks"] = keep_linebreaks
+        load = {"path": builder, "data_files": files, **options, **hub}
+        if validation_file:
+            return datasets.load_dataset(**load)
+    else:
+        raise ValueError("give --dataset_name (a Hub dataset or a local dataset folder) or --train_file")
+    return datasets.DatasetDict(
+        {
+            "train": datasets.load_dataset(**load, split=f"train[:{keep}%]"),
+            "validation": datasets.load_dataset(**load, split=f"train[{keep}%:]"),
+        }
+    )
+
+
+def group_texts(
+    raw: datasets.DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    causal: bool,
+    num_proc: int | None = None,
+) -> datasets.DatasetDict:
+    """Tokenise the ``text`` column (or the first column), concatenate the token ids and cut them into blocks of
+    ``block_size`` tokens, as ``run_clm.py`` / ``run_mlm.py`` do: each ``map`` batch of 1,000 rows drops its
+    remainder shorter than a block. Special tokens the tokenizer adds per row (BERT's ``[CLS]``/``[SEP]``, the
+    word-level tokenizer's ``<eos>``) stay in the stream as separators. For a causal LM the blocks are also the
+    ``labels`` (the model shifts them); a masked LM gets its labels from the masking collator.
+
+    Examples::
+
+        >>> blocks = group_texts(load_text(train_file=["wiki.train.tokens"]), tokenizer, 128, causal=True)
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"--block_size must be a positive int; got {block_size!r}")
+    names = next(iter(raw.values())).column_names
+    column = "text" if "text" in names else names[0]
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch[column])
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        joined = {key: list(chain.from_iterable(values)) for key, values in batch.items()}
+        total = len(joined["input_ids"]) // block_size * block_size
+        blocks = {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in joined.items()}
+        if causal:
+            blocks["labels"] = [list(ids) for ids in blocks["input_ids"]]
+        return blocks
+
+    tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=names, desc="Tokenizing")
+    return tokenized.map(group, batched=True, num_proc=num_proc, desc=f"Grouping into blocks of {block_size}")
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    """What the classification recipe needs to know about its data.
+
+    Args:
+        raw: the splits, with a ``label`` column of ids (floats for regression) and the text columns.
+        text_columns: one or two text columns, fed to the tokenizer as a single text or a pair.
+        label_names: the name of each label id; empty for regression.
+        metric_config: configuration of the packaged GLUE metric: the task, or for other data ``sst2``
+            (accuracy) for classification and ``stsb`` (Pearson and Spearman) for regression.
+        name: the task or dataset name, used in ``predict_results_<name>.txt``.
+    """
+
+    raw: datasets.DatasetDict
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...]
+    metric_config: str
+    name: str
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
+
+
+def load_classification(
+    *,
+    task_name: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | None = None,
+    files: dict[str, str] | None = None,
+    splits: Sequence[str] = ("train", "validation"),
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    num_proc: int | None = None,
+) -> ClassificationData:
+    """The ``splits`` of a sentence (pair) classification or regression dataset, from the first source given:
+
+    1. ``data_dir``: the GLUE TSV release folder (or a task's folder); needs ``task_name``.
+    2. ``files`` (``{"train": path, "validation": path, "test": path}``): with ``task_name``, ``.tsv`` files are read
+       in the GLUE release layout; otherwise csv / tsv / json(l) files with a header, a ``label`` column and one or
+       two text columns (``sentence1`` and ``sentence2`` when present), as ``run_glue.py`` reads them.
+    3. ``dataset_name`` (a Hub dataset or a local dataset folder) with ``dataset_config_name`` (default: the task).
+    4. ``task_name`` alone: the Hub's ``nyu-mll/glue``.
+
+    Regression labels must be finite numbers and classification labels known ones; errors name the file and line
+    (local files) or the split and row.
+
+    Examples::
+
+        >>> data = load_classification(task_name="sst2")  # nyu-mll/glue from the Hub
+        >>> data = load_classification(task_name="rte", data_dir="glue")  # the TSV release
+        >>> data = load_classification(files={"train": "train.csv", "validation": "dev.csv"})
+    """
+    task = glue_task(task_name) if task_name is not None else None
+    files = {split: path for split, path in (files or {}).items() if path and split in splits}
+    hub = {"cache_dir": cache_dir, "token": token}
+    if data_dir is not None:
+        if task is None:
+            raise ValueError("--data_dir (the GLUE TSV release) needs --task_name")
+        raw = load_glue_folder(task_name, data_dir, splits, cache_dir=cache_dir, num_proc=num_proc)
+        where, name = None, task_name
+    elif files:
+        missing = [split for split in splits if split not in files]
+        if missing:
+            option = {"train": "--train_file", "validation": "--validation_file", "test": "--test_file"}[missing[0]]
+            raise ValueError(
+                f"{option} is needed with local files for this run (--do_train / --do_eval / --do_predict)"
+            )
+        if task is not None and all(os.fspath(p).endswith(".tsv") for p in files.values()):
+            raw = datasets.DatasetDict(
+                {s: read_glue_tsv(p, task, s, cache_dir=cache_dir, num_proc=num_proc) for s, p in files.items()}
+            )
+        else:
+            builder, options = file_builder(list(files.values()), "--train_file")
+            if builder == "text":
+                raise ValueError("--train_file: classification needs csv, tsv or json files with a label column")
+            raw = datasets.load_dataset(builder, data_files=files, **options, **hub)
+        first_row_line = {split: 1 if file_builder([p], "")[0] == "json" else 2 for split, p in files.items()}
+        name = Path(files.get("train") or next(iter(files.values()))).stem
+
+        def where(split: str, index: int) -> str:
+            return f"{files[split]}:{index + first_row_line[split]}"
+
+    elif dataset_name is not None or task is not None:
+        dataset_name = dataset_name or GLUE_HUB_NAME
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name or task_name, **hub)
+        missing = [split for split in splits if split not in loaded]
+        if missing:
+            raise ValueError(f"--dataset_name {dataset_name}: no {missing[0]!r} split (it has {', '.join(loaded)})")
+        raw = datasets.DatasetDict({split: loaded[split] for split in splits})
+        name = task_name or dataset_name.rstrip("/").rsplit("/", 1)[-1]
+
+        def where(split: str, index: int) -> str:
+            return f"{dataset_name} split {split!r} row {index}"
+
+    else:
+        raise ValueError("give --task_name, --dataset_name, --data_dir or --train_file / --validation_file")
+
+    if task is not None:
+        if where is not None:
+            _check_labels(raw, task.is_regression, task.num_labels, where)
+        return ClassificationData(raw, task.text_columns, task.label_names, task_name, task_name)
+    return _generic_classification(raw, where, name)
+
+
+def _generic_classification(raw: datasets.DatasetDict, where, name: str) -> ClassificationData:
+    """Label ids, text columns and metric for a dataset that is not a GLUE task (``run_glue.py``'s rules)."""
+    first = next(iter(raw.values()))
+    if "label" not in first.column_names:
+        raise ValueError(f"the data needs a 'label' column; it has {', '.join(first.column_names)}")
+    labelled = [split for split, dataset in raw.items() if "label" in dataset.column_names]
+    if labelled != list(raw) and labelled + ["test"] != list(raw):
+        raise ValueError("every split but the test split needs a 'label' column")
+    feature = first.features["label"]
+    is_regression = isinstance(feature, datasets.Value) and feature.dtype.startswith("float")
+    if isinstance(feature, datasets.ClassLabel):
+        label_names = tuple(feature.names)
+    elif is_regression:
+        label_names = ()
+    else:  # strings or ints: sorted distinct labels of the first split become ids 0..K-1
+        label_names = tuple(str(v) for v in sorted(set(first["label"])))
+        ids = {value: i for i, value in enumerate(sorted(set(first["label"])))}
+        for split in labelled:
+            unknown = [i for i, v in enumerate(raw[split]["label"]) if v not in ids]
+            if unknown:
+                value = raw[split][unknown[0]]["label"]
+                raise ValueError(
+                    f"{where(split, unknown[0])}: label {value!r} does not occur in the training data "
+                    f"({', '.join(label_names)})"
+                )
+        for split in labelled:
+            features = datasets.Features({**raw[split].features, "label": datasets.Value("int64")})
+            raw[split] = raw[split].map(lambda row: {"label": ids[row["label"]]}, features=features)
+    if is_regression:
+        _check_labels(raw, True, 1, where)
+    others = [c for c in first.column_names if c not in ("label", "idx")]
+    text_columns = ("sentence1", "sentence2") if {"sentence1", "sentence2"} <= set(others) else tuple(others[:2])
+    if not text_columns:
+        raise ValueError("the data needs one or two text columns besides 'label'")
+    return ClassificationData(raw, text_columns, label_names, "stsb" if is_regression else "sst2", name)
+
+
+def _check_labels(raw: datasets.DatasetDict, is_regression: bool, num_labels: int, where) -> None:
+    """``ValueError`` naming the row of the first label that is not finite (regression) or not an id in
+    ``[0, num_labels)``; ``-1`` (an unlabelled row, as on the Hub's test splits) is allowed in ``test``."""
+    for split, dataset in raw.items():
+        if "label" not in dataset.column_names:
+            continue
+        lowest = -1 if split == "test" else 0
+        for index, value in enumerate(dataset["label"]):
+            if is_regression:
+                bad = value is None or not (math.isfinite(value) or split == "test")
+            else:
+                bad = value is None or not lowest <= value < num_labels
+            if bad:
+                kind = "a finite number" if is_regression else f"a label id in [0, {num_labels})"
+                shown = "is missing or NaN, not" if value is None else f"{value!r} is not"  # NaN is read as None
+                raise ValueError(f"{where(split, index)}: label {shown} {kind}")
 
 
 #: special tokens of :func:`word_level_tokenizer`
@@ -203,7 +489,8 @@ def word_level_tokenizer(lines: Iterable[str], vocab_size: int | None = None) ->
 
     Examples::
 
-        >>> tokenizer = word_level_tokenizer(read_text_lines("ptb/ptb.train.txt.gz"))
+        >>> lines = datasets.load_dataset("text", data_files="ptb.train.txt.gz", split="train")["text"]
+        >>> tokenizer = word_level_tokenizer(lines)
         >>> len(tokenizer)  # PTB's 9,999 words (its own <unk> included) + <eos>, <pad>, <mask>
         10002
         >>> tokenizer.save_pretrained("ptb-tokenizer")
@@ -225,58 +512,3 @@ def word_level_tokenizer(lines: Iterable[str], vocab_size: int | None = None) ->
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, vocab[eos])]
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **WORD_SPECIALS)
-
-
-def split_lines(lines: Sequence[str], percentage: float) -> tuple[list[str], list[str]]:
-    """Hold out the last ``percentage`` % of ``lines`` (at least one line) for evaluation: ``(train, held_out)``.
-
-    Examples::
-
-        >>> train, valid = split_lines(read_text_lines("wiki.train.tokens.gz"), 5)
-    """
-    if not 0 < percentage < 100:
-        raise ValueError(f"validation_split_percentage must be in (0, 100); got {percentage}")
-    cut = len(lines) - max(1, round(len(lines) * percentage / 100))
-    return list(lines[:cut]), list(lines[cut:])
-
-
-def token_blocks(
-    lines: Iterable[str],
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    max_blocks: int | None = None,
-    chunk_lines: int = 1000,
-) -> list[list[int]]:
-    """Tokenise ``lines``, concatenate the ids and cut them into blocks of ``block_size`` tokens.
-
-    The remainder shorter than a block is dropped. With ``max_blocks`` only as many lines are tokenised as those
-    blocks need, so a short run on a large corpus starts at once. Special tokens the tokenizer adds per line
-    (BERT's ``[CLS]``/``[SEP]``) stay in the stream as separators.
-
-    Examples::
-
-        >>> blocks = token_blocks(read_text_lines("ptb.valid.txt.gz"), tokenizer, block_size=128)
-    """
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1; got {block_size}")
-    blocks: list[list[int]] = []
-    buffer: list[int] = []
-    chunk: list[str] = []
-
-    def flush() -> None:
-        for ids in tokenizer(chunk)["input_ids"]:
-            buffer.extend(ids)
-        chunk.clear()
-        whole = len(buffer) // block_size * block_size
-        blocks.extend(buffer[i : i + block_size] for i in range(0, whole, block_size))
-        del buffer[:whole]
-
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == chunk_lines:
-            flush()
-            if max_blocks is not None and len(blocks) >= max_blocks:
-                return blocks[:max_blocks]
-    if chunk:
-        flush()
-    return blocks if max_blocks is None else blocks[:max_blocks]

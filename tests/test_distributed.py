@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,9 +29,18 @@ from hf_sparse_attn.recipe_data import word_level_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(command: list[str], cwd: Path, timeout: int = 300) -> None:
+def free_port() -> int:
+    """A TCP port that nothing listens on right now (so parallel or repeated runs never share a rendezvous port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], cwd: Path, timeout: int = 900) -> None:
     """Run a launcher and its worker processes in their own process group, killed as a whole on timeout (killing
-    only the launcher would leave the workers waiting on each other)."""
+    only the launcher would leave the workers waiting on each other). The timeout is generous because a loaded
+    2-core machine runs these several times slower than an idle one; a failure shows the command and the tail of
+    the workers' output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -39,9 +49,9 @@ def run(command: list[str], cwd: Path, timeout: int = 300) -> None:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} ran past {timeout} s; its output ends with:\n{stdout[-3000:]}{stderr[-5000:]}")
+    assert process.returncode == 0, f"{' '.join(command)} exited with {process.returncode}:\n" + stdout[-3000:] + stderr[-5000:]
 
 
 def train_logs(output_dir: Path) -> list[dict]:
@@ -59,7 +69,7 @@ def lm_setup(tmp_path_factory) -> tuple[Path, list[str]]:
             "--sparsity", "0.3", "--sparsity_warmup_steps", "2", "--max_steps", "4", "--logging_steps", "1",
             "--learning_rate", "1e-3", "--seed", "0", "--train_sampling_strategy", "sequential",
             "--dataloader_drop_last", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
-            "--disable_tqdm", "true"]  # fmt: skip
+            "--disable_tqdm", "true", "--do_train", "--do_eval"]  # fmt: skip
     return folder, args
 
 
@@ -71,7 +81,8 @@ def test_two_processes_match_one_process(lm_setup):
     # the shipped DDP config; on a machine without GPUs it gives 2 CPU processes over gloo (`--cpu` would start only
     # one); bf16 autocast is turned off to compare with fp32
     config = REPO / "recipes" / "accelerate" / "multi_gpu.yaml"
-    launch = [accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no"]
+    launch = [accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", str(free_port())]
     run([*launch, str(REPO / "recipes" / "causal_lm.py"), *args, "--per_device_train_batch_size", "2",
          "--output_dir", str(folder / "two")], cwd=folder)  # fmt: skip
     recipe("causal_lm").main([*args, "--per_device_train_batch_size", "4", "--output_dir", str(folder / "one")])
@@ -104,7 +115,7 @@ def test_accelerate_configs_load(name, distributed_type):
 
 
 FSDP_SCRIPT = """
-import json, sys, torch, torch.distributed as dist, transformers
+import datetime, json, sys, torch, torch.distributed as dist, transformers
 from torch.distributed.fsdp import fully_shard
 import hf_sparse_attn
 
@@ -114,7 +125,8 @@ def model():
                                      eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return hf_sparse_attn.patch_model(transformers.GPT2LMHeadModel(config), sparsity=0.3, head="moss")
 
-dist.init_process_group("gloo")
+# generous timeout: on a loaded machine rank 0's reference step below can take minutes while rank 1 waits
+dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=15))
 rank, world = dist.get_rank(), dist.get_world_size()
 ids = torch.randint(3, 99, (2 * world, 16), generator=torch.Generator().manual_seed(1))  # the global batch
 sharded = model()
@@ -137,6 +149,7 @@ if rank == 0:
     diff = max((full[k] - expected[k]).abs().max().item() for k in expected)
     json.dump({"keys_equal": sorted(full) == sorted(expected), "max_param_diff": diff,
                "sharded_loss": sum(float(l) for l in losses) / world}, open(sys.argv[1], "w"))
+dist.barrier()  # no rank tears gloo down while another still works (a lone early exit aborted rank 1 under load)
 dist.destroy_process_group()
 """
 
@@ -148,7 +161,8 @@ def test_fsdp2_sharded_step_matches_unsharded(tmp_path):
     script = tmp_path / "fsdp_step.py"
     script.write_text(textwrap.dedent(FSDP_SCRIPT))
     out = tmp_path / "result.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     run([*torchrun, str(script), str(out)], cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result["keys_equal"]

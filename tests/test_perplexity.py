@@ -15,7 +15,7 @@ from conftest import tiny_model, word_tokenizer
 import hf_sparse_attn
 from hf_sparse_attn import cli
 from hf_sparse_attn import perplexity as perplexity_module
-from hf_sparse_attn.perplexity import perplexity, sliding_windows
+from hf_sparse_attn.perplexity import load_eval_text, perplexity, sliding_windows
 
 POSITIONS = 64
 
@@ -79,6 +79,31 @@ def test_batching_and_gzip_do_not_change_the_result(text_file, tmp_path):
     assert batched["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
 
 
+def test_text_sources_give_the_same_result(text_file, tmp_path):
+    """A file is scored as one document; a dataset (Hub name or folder) split is its rows joined by blank lines."""
+    model, tokenizer = tiny_lm("plif"), word_tokenizer()
+    lines = text_file.read_text().splitlines()
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "test.txt").write_text("\n".join(lines) + "\n")  # the text builder: one row per line
+    joined = load_eval_text(dataset_name=str(folder), split="test")
+    assert joined == "\n\n".join(lines)
+    assert load_eval_text(text_file) == text_file.read_text()
+    from_file = perplexity(model, tokenizer, text_file, max_length=16, stride=8, progress=False)
+    from_text = perplexity(model, tokenizer, text=text_file.read_text(), max_length=16, stride=8, progress=False)
+    assert from_text == {
+        **from_file,
+        "seconds": from_text["seconds"],
+        "tokens_per_second": from_text["tokens_per_second"],
+    }
+    with pytest.raises(ValueError, match="exactly one of --file"):
+        load_eval_text(text_file, dataset_name=str(folder))
+    with pytest.raises(ValueError, match="--text-column: .* has no column 'body'"):
+        load_eval_text(dataset_name=str(folder), split="test", text_column="body")
+    with pytest.raises(ValueError, match="exactly one of text_path and text"):
+        perplexity(model, tokenizer, progress=False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -113,6 +138,16 @@ def test_eval_ppl_command_loads_a_patched_checkpoint(text_file, tmp_path, capsys
     written = json.loads(output.read_text())
     assert written["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert f"perplexity {expected['perplexity']:.3f}" in capsys.readouterr().out
+
+    folder = tmp_path / "dataset"  # --dataset-name: a Hub dataset, or a local dataset folder as here
+    folder.mkdir()
+    (folder / "test.txt").write_text(text_file.read_text())
+    argv = ["eval-ppl", "--model", str(tmp_path / "ckpt"), "--dataset-name", str(folder), "--max-length", "16",
+            "--stride", "8", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    text = "\n\n".join(text_file.read_text().splitlines())
+    expected = perplexity(model, tokenizer, text=text, max_length=16, stride=8, progress=False)
+    assert f"{folder} test: perplexity {expected['perplexity']:.3f}" in capsys.readouterr().out
 
 
 def test_wikitext2_slice(shared_data, tmp_path):
