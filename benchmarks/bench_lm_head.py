@@ -1,15 +1,31 @@
-"""Speed and memory of the LM-head losses: plain and fused softmax cross-entropy against our heads (DESIGN §4).
+"""Speed and memory of the LM-head losses: today's (unfused) heads against the fused, chunked head losses.
 
-Scaffold for the fused LM-head kernels (not written yet): it measures the baselines and the reference heads,
-so the fused versions have numbers to beat. Providers: ``linear_ce`` (``F.cross_entropy(h W^T + b, y)``, the
-baseline), ``liger_flce`` (Liger's fused linear cross-entropy, if ``liger-kernel`` is installed, CUDA only) and
-the reference heads ``sigsoftmax``, ``mos``, ``moss``, ``plif`` (``hf_sparse_attn.heads.build_head`` on the same
-linear layer, loss ``F.nll_loss`` of the log-probabilities they return).
+Providers, each giving the mean NLL of random labels from hidden states ``[T, d]`` and the output layer ``d -> V``
+(no bias, as GPT-2's tied ``lm_head``):
+
+- ``linear_ce``: ``F.cross_entropy(h W^T, y)``, today's plain softmax (the baseline of ``speedup_vs_baseline``);
+- ``liger_flce``: Liger's fused linear cross-entropy, the softmax anchor (``liger-kernel``, CUDA only);
+- ``sigsoftmax``, ``mos``, ``moss``, ``plif``: today's heads (``hf_sparse_attn.heads.build_head``), loss
+  ``F.cross_entropy`` of the `[T, V]` log-probabilities they return;
+- ``fused_softmax``, ``fused_sigsoftmax``, ``fused_mos``, ``fused_moss``, ``fused_plif``: the same heads through
+  ``hf_sparse_attn.fused_loss.head_nll`` (the fused, chunked loss: no `[T, V]` tensor).
+
+Each record of a fused provider names its unfused twin (``unfused``) and gives ``time_vs_unfused`` (median time
+ratio, fused / unfused) and ``peak_vs_unfused`` (peak memory ratio). On CPU the providers run interleaved (one run
+of each in turn per repetition) after one profiled run each, whose ``torch.profiler`` memory events give
+``peak_mem_mb`` (the peak of the bytes allocated during forward + backward, above what existed before); ``cpu_ms``
+is the median process CPU time. On CUDA, ``triton.testing.do_bench`` and the allocator's peak. A case is one
+(T, K) pair; providers that do not depend on K run only for the first K. ``--max-tokens PROVIDER=T`` skips a
+provider above T tokens (recorded as ``status: "skipped"``), to keep the unfused heads' `[T, V]` tensors in RAM.
 
 Run on a GPU (T=8192 tokens, d=768, V=50257 as in DESIGN §4)::
 
     python -m benchmarks.bench_lm_head
-    python -m benchmarks.bench_lm_head --providers linear_ce liger_flce sigsoftmax --tokens 4096 8192
+
+On CPU, the issue-14 grid (one thread)::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_lm_head --device cpu --tokens 1024 4096 16384 --reps 1 \\
+        --max-tokens linear_ce=4096 sigsoftmax=4096 mos=4096 moss=4096 plif=4096
 
 Smoke run on CPU::
 
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (
     DTYPES,
@@ -37,15 +55,23 @@ from benchmarks.common import (
     available_providers,
     format_table,
     machine_info,
-    run_grid,
+    measure,
+    record,
+    timed_callable,
     write_results,
 )
+from hf_sparse_attn.fused_loss import head_nll
 from hf_sparse_attn.heads import build_head
 
 OP = "lm_head"
 HEADS = ("sigsoftmax", "mos", "moss", "plif")
-PROVIDERS = ("linear_ce", "liger_flce", *HEADS)
+FUSED = tuple(f"fused_{name}" for name in ("softmax", *HEADS))
+PROVIDERS = ("linear_ce", "liger_flce", *HEADS, *FUSED)
 BASELINE = "linear_ce"
+#: fused provider -> today's unfused provider for the same head
+UNFUSED = {"fused_softmax": "linear_ce", **{f"fused_{name}": name for name in HEADS}}
+#: providers whose cost depends on K
+MIXTURES = ("mos", "moss", "fused_mos", "fused_moss")
 
 
 @dataclass
@@ -58,13 +84,13 @@ class Inputs:
     num_mixtures: int
 
 
-def setup(shape: dict[str, Any], dtype: torch.dtype, device: torch.device, num_mixtures: int) -> Inputs:
+def setup(shape: dict[str, Any], dtype: torch.dtype, device: torch.device) -> Inputs:
     generator = torch.Generator(device=device).manual_seed(0)
     tokens, hidden_size, vocab = shape["T"], shape["d"], shape["V"]
     hidden = torch.randn(tokens, hidden_size, generator=generator, device=device, dtype=dtype).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
     linear = nn.Linear(hidden_size, vocab, bias=False, device=device, dtype=dtype)
-    return Inputs(hidden, labels, linear, num_mixtures)
+    return Inputs(hidden, labels, linear, shape["K"])
 
 
 def _liger(inputs: Inputs) -> Callable[[], torch.Tensor]:
@@ -81,36 +107,146 @@ def build(provider: str, inputs: Inputs) -> tuple[Callable[[], torch.Tensor], li
         return forward, [inputs.hidden, inputs.linear.weight]
     if provider == "liger_flce":
         return _liger(inputs), [inputs.hidden, inputs.linear.weight]
-    head = build_head(provider, inputs.linear, num_mixtures=inputs.num_mixtures).to(inputs.hidden.device)
-    return (lambda: F.nll_loss(head(inputs.hidden), inputs.labels)), [inputs.hidden, *head.parameters()]
+    name = provider.removeprefix("fused_")
+    head = build_head(name, inputs.linear, num_mixtures=inputs.num_mixtures).to(inputs.hidden.device)
+    if provider.startswith("fused_"):
+        forward = lambda: head_nll(head, inputs.hidden, inputs.labels)  # noqa: E731
+    else:
+        forward = lambda: F.cross_entropy(head(inputs.hidden), inputs.labels)  # noqa: E731
+    return forward, [inputs.hidden, *head.parameters()]
 
 
 def unavailable(provider: str, device: torch.device) -> str | None:
     if provider == "liger_flce":
+        if device.type != "cuda":
+            return "needs CUDA (Liger's fused linear cross-entropy is a Triton GPU kernel)"
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
-        if device.type != "cuda":
-            return "needs CUDA"
     return None
+
+
+def _profiled_run(fn: Callable[[], object], leaves: list[torch.Tensor]) -> tuple[float, float, float]:
+    """(peak MB allocated while ``fn`` runs, wall ms, process CPU ms) from one run under torch.profiler."""
+    for leaf in leaves:
+        leaf.grad = None
+    wall, cpu = time.perf_counter(), time.process_time()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    wall, cpu = (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20, wall, cpu
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    return (
+        torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    )
+
+
+def measure_cpu(timed: dict[str, tuple[Callable[[], object], list[torch.Tensor]]], reps: int) -> dict[str, dict]:
+    """One profiled run per provider (memory), then ``reps`` interleaved timed runs (one of each in turn)."""
+    results = {}
+    for provider, (fn, leaves) in timed.items():
+        peak, wall, cpu = _profiled_run(fn, leaves)
+        results[provider] = {"peak": peak, "wall": [wall] if reps == 0 else [], "cpu": [cpu] if reps == 0 else []}
+        print(f"  {provider:>16} profiled: {peak:.1f} MB, {wall:.0f} ms", flush=True)
+    for _ in range(reps):
+        for provider, (fn, leaves) in timed.items():
+            for leaf in leaves:
+                leaf.grad = None
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            results[provider]["wall"].append((time.perf_counter() - wall) * 1e3)
+            results[provider]["cpu"].append((time.process_time() - cpu) * 1e3)
+    return results
+
+
+def run_case(
+    providers: list[str], shape: dict[str, Any], dtype: str, modes: list[str], device: torch.device, reps: int
+) -> list[dict[str, Any]]:
+    inputs = setup(shape, DTYPES[dtype], device)
+    records = []
+    for mode in modes:
+        timed = {}
+        for provider in providers:
+            forward, leaves = build(provider, inputs)
+            grad = None if mode == "fwd" else torch.ones_like(forward())
+            timed[provider] = (timed_callable(forward, mode, grad), leaves)
+        if device.type == "cuda":
+            measured = {p: measure(fn, leaves, device, reps) for p, (fn, leaves) in timed.items()}
+            for provider, (times, peak) in measured.items():
+                records.append(record(provider, mode, shape, dtype, times, peak))
+        else:
+            for provider, result in measure_cpu(timed, reps).items():
+                entry = record(provider, mode, shape, dtype, _quantiles(result["wall"]), result["peak"])
+                entry["cpu_ms"] = round(_quantiles(result["cpu"])[0], 4)
+                records.append(entry)
+        timed.clear()
+    return records
+
+
+def add_unfused_ratios(records: list[dict[str, Any]]) -> None:
+    """``unfused``, ``time_vs_unfused`` and ``peak_vs_unfused`` on every fused record (None where the unfused twin
+    did not run on that case)."""
+    key = lambda r: (r["mode"], r["shape"]["T"], r["shape"]["K"], r["dtype"])  # noqa: E731
+    by_case = {(r["provider"], *key(r)): r for r in records}
+    for entry in records:
+        if entry["provider"] not in UNFUSED:
+            continue
+        twin = by_case.get((UNFUSED[entry["provider"]], *key(entry)))
+        if twin is None and UNFUSED[entry["provider"]] not in MIXTURES:  # K-independent twin: its first-K case
+            twin = next((r for r in records if r["provider"] == UNFUSED[entry["provider"]]
+                         and key(r)[:2] == key(entry)[:2] and key(r)[3] == key(entry)[3]), None)  # fmt: skip
+        entry["unfused"] = UNFUSED[entry["provider"]]
+        ok = twin is not None and twin["status"] == "ok" and entry["status"] == "ok"
+        entry["time_vs_unfused"] = round(entry["median_ms"] / twin["median_ms"], 3) if ok else None
+        both_peaks = ok and entry["peak_mem_mb"] is not None and twin["peak_mem_mb"]
+        entry["peak_vs_unfused"] = round(entry["peak_mem_mb"] / twin["peak_mem_mb"], 4) if both_peaks else None
+
+
+def _pairs(providers: list[str]) -> list[list[str]]:
+    """``providers`` in groups that run together: each fused provider with its unfused twin, the rest alone
+    (the baseline first)."""
+    groups, placed = [], set()
+    for provider in providers:
+        if provider in placed:
+            continue
+        twin = UNFUSED.get(provider) or next((f for f, u in UNFUSED.items() if u == provider), None)
+        group = [p for p in providers if p in (provider, twin)]
+        group.sort(key=lambda p: p in UNFUSED)  # unfused first
+        groups.append(group)
+        placed.update(group)
+    return groups
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["fwdbwd"], choices=MODES)
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192])
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--num-mixtures", type=int, default=4, help="K for mos / moss")
+    parser.add_argument("--num-mixtures", nargs="+", type=int, default=[4], help="K for mos / moss (first: default)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny shapes (T=64, d=32, V=99) for smoke runs")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (CUDA uses do_bench)")
+    parser.add_argument(
+        "--max-tokens", nargs="+", default=[], metavar="PROVIDER=T", help="skip PROVIDER on cases above T tokens"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", help="suffix of the results file name (lm_head-NAME-<device>-<date>.json)")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes or (["fp32"] if args.device == "cpu" else ["bf16"])
     if args.small:
-        args.tokens, args.hidden_size, args.vocab, args.num_mixtures = [64], 32, 99, 2
+        args.tokens, args.hidden_size, args.vocab, args.num_mixtures = [64], 32, 99, [2]
+    try:
+        args.max_tokens = {p: int(t) for p, t in (item.split("=") for item in args.max_tokens)}
+    except ValueError as error:
+        parser.error(f"--max-tokens takes PROVIDER=T pairs: {error}")
     return args
 
 
@@ -118,25 +254,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     providers = available_providers(args.providers, BASELINE, unavailable, device)
-    cases = [
-        ({"T": tokens, "d": args.hidden_size, "V": args.vocab}, dtype)
-        for tokens in args.tokens
-        for dtype in args.dtypes
-    ]
     header = machine_info(device)
+    header["threads"] = torch.get_num_threads()
+    requested = dict.fromkeys(["liger_flce", *args.providers])  # Liger's status is always recorded: the anchor
+    header["not_run"] = {p: unavailable(p, device) for p in requested if unavailable(p, device)}
     print(header)
-    records = run_grid(
-        providers,
-        cases,
-        args.modes,
-        lambda shape, dtype: setup(shape, dtype, device, args.num_mixtures),
-        build,
-        device,
-        args.reps,
-    )
-    add_speedups(records, BASELINE)
-    header["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path = write_results(OP, header, records, args.out_dir)
+    records: list[dict[str, Any]] = []
+    for tokens in args.tokens:
+        for index, num_mixtures in enumerate(args.num_mixtures):
+            shape = {"T": tokens, "d": args.hidden_size, "V": args.vocab, "K": num_mixtures}
+            chosen = [p for p in providers if index == 0 or p in MIXTURES]
+            running = [p for p in chosen if tokens <= args.max_tokens.get(p, tokens)]
+            for dtype in args.dtypes:
+                for provider in sorted(set(chosen) - set(running)):
+                    for mode in args.modes:
+                        entry = record(provider, mode, shape, dtype, None, None)
+                        entry["status"] = f"skipped: above --max-tokens {args.max_tokens[provider]}"
+                        records.append(entry)
+                for group in _pairs(running):  # each head's unfused and fused losses side by side
+                    print(f"T={tokens} K={num_mixtures} {dtype}: {', '.join(group)}", flush=True)
+                    records += run_case(group, shape, dtype, args.modes, device, args.reps)
+                    add_speedups(records, BASELINE)
+                    add_unfused_ratios(records)
+                    header["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+                    # after every group, so that a partial run still leaves its results
+                    path = write_results(f"{OP}-{args.name}" if args.name else OP, header, records, args.out_dir)
     print(format_table(header, records))
     print(f"wrote {path}")
     return 0

@@ -7,11 +7,23 @@ can differ although all of them share one implementation name.
 
 Masks (verified on transformers 5.23, see ``docs/transformers-notes.md``): a name registered only with
 ``AttentionInterface`` receives ``attention_mask=None`` -- no padding and no causal mask -- because
-``masking_utils`` skips mask creation for implementations without a mask builder. We therefore also register
-:func:`boolean_mask` with ``AttentionMaskInterface``; it always materialises a boolean ``[B, 1, T, S]`` mask
-(True = the query may attend the key), never ``None``. The function still accepts every format a model may hand
-to it: boolean, additive float (``0`` / large negative, as the eager builder makes), and ``None`` with
-``module.is_causal`` (query rows aligned to the *end* of the keys, as under a KV cache in ``generate()``).
+``masking_utils`` skips mask creation for implementations without a mask builder. We register transformers' own
+``sdpa_mask``, with its default skips, as our builder, so every layer receives exactly the mask the SDPA
+implementation receives: ``None`` (causality then comes from ``is_causal``), a boolean ``[B, 1, T, S]`` mask, or a
+4-D mask the user passed, which transformers forwards unchanged (boolean or additive float). Layers whose rate is
+None (softmax) hand that mask to transformers' ``sdpa_attention_forward`` and compute exactly what the unpatched
+SDPA model computes. Layers with a rate read it as follows (:func:`mask_parts`):
+
+- ``None``: every key is valid; with ``is_causal`` (the keyword argument, else ``module.is_causal``, as SDPA reads
+  it) and more than one query, query ``i`` sees keys ``j <= i``: SDPA's top-left alignment. transformers skips the
+  mask only where that is also the right alignment (``T == S``, one query, or a static-cache prefill whose keys
+  past ``T`` are empty slots), and materialises it otherwise.
+- boolean: True = the query may attend the key.
+- additive float (the eager format, or a user's 4-D mask such as a document mask or a bias): *added* to the scores,
+  as eager attention does. Values at or below ``torch.finfo(mask.dtype).min / 2`` (:func:`additive_mask_cutoff`; this
+  covers ``finfo.min``, which transformers' eager builder writes, and ``-inf``) mark masked keys: they get weight 0
+  and do not count towards the rate. Larger values, e.g. ``-1e4`` or ``-1e9``, are biases: they shift the scores
+  and the key still counts towards the rate (its weight is 0 unless the bias is small, as under softmax).
 """
 
 from __future__ import annotations
@@ -21,53 +33,100 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hf_sparse_attn import rates
 from hf_sparse_attn.kernels import r_softmax_attention
 
 ATTENTION_NAME = "hf_sparse_attn"
+#: a shorter name registered for the same function and mask builder
+ATTENTION_ALIAS = "r_softmax"
 #: attribute on each self-attention module holding its rate: None (softmax), a float, or a tensor [H]
 RATE_ATTR = "hf_sparse_attn_rate"
 #: attribute holding the r-softmax margin epsilon
 EPS_ATTR = "hf_sparse_attn_eps"
-#: attribute set while the caller needs the probabilities (forces the reference path on CUDA)
+#: attribute counting the active :func:`returning_weights` blocks (forces the reference path on CUDA)
 WEIGHTS_ATTR = "hf_sparse_attn_need_weights"
 
-
-def boolean_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """Mask builder for :data:`ATTENTION_NAME`: transformers' sdpa builder with both skips disabled, so the
-    result is always a boolean ``[B, 1, T, S]`` tensor (True = attend) that the quantile can use."""
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-    return sdpa_mask(*args, **kwargs)
+try:  # transformers collects ``output_attentions`` with forward hooks and does not always tell the function
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - a transformers without output capturing passes ``output_attentions``
+    _active_collector = None
 
 
-def valid_keys(
-    attention_mask: torch.Tensor | None, module: nn.Module, query_length: int, key_length: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean mask broadcastable to the scores ``[B, H, T, S]`` (True = valid key), or None when all are valid."""
+def additive_mask_cutoff(dtype: torch.dtype) -> float:
+    """Additive mask values at or below this (``finfo(dtype).min / 2``) mark masked keys, not biases.
+
+    Adding any reasonable score to such a value leaves it below the cutoff in eager attention's own arithmetic, so
+    eager softmax gives the key no weight whatever its score (unless every key of the row is masked);
+    ``finfo.min`` (transformers' eager builder) and ``-inf`` fall here, finite conventions such as ``-1e4`` or
+    ``-1e9`` do not."""
+    return torch.finfo(dtype).min / 2
+
+
+def mask_parts(
+    attention_mask: torch.Tensor | None,
+    module: nn.Module,
+    query_length: int,
+    key_length: int,
+    device: torch.device,
+    is_causal: bool | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split a mask in any format transformers hands over into ``(valid, bias)``.
+
+    Args:
+        attention_mask: None, bool broadcastable to ``[B, H, T, S]`` (True = attend) or additive float.
+        module: the attention module (``module.is_causal`` is read when ``attention_mask`` is None).
+        query_length, key_length: ``T`` and ``S``.
+        is_causal: the ``is_causal`` keyword a model may pass; it overrides ``module.is_causal`` (as in SDPA).
+
+    Returns:
+        ``valid``: bool broadcastable to ``[B, H, T, S]`` (True = the key counts), or None when all keys are valid;
+        ``bias``: the additive float mask to add to the scores (masked entries included; they are excluded by
+        ``valid`` anyway), or None.
+
+    Raises:
+        TypeError: for a mask that is neither bool nor floating point (e.g. an integer 0/1 mask, which would be
+            ambiguous between "1 = attend" and "add 1").
+    """
     if attention_mask is None:
-        if not getattr(module, "is_causal", False) or query_length == 1:
-            return None
-        # causal without a materialised mask: query i (aligned to the end of the keys) sees keys <= i + S - T
-        offset = key_length - query_length
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not causal or query_length == 1:
+            return None, None
+        # SDPA's is_causal is aligned top-left: query i sees keys j <= i (see the module docstring)
         rows = torch.arange(query_length, device=device)[:, None]
         cols = torch.arange(key_length, device=device)[None, :]
-        return cols <= rows + offset  # (T, S)
+        return cols <= rows, None  # (T, S)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask, None
     if not attention_mask.is_floating_point():
-        return attention_mask.bool()
-    # additive float mask: 0 where allowed, a very negative number (finfo.min or -inf) where masked
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        raise TypeError(
+            "attention_mask must be a bool mask (True = attend) or an additive float mask (0 = attend, "
+            f"torch.finfo(dtype).min or -inf = masked); got dtype {attention_mask.dtype}"
+        )
+    # `~(x <= cutoff)`, not `x > cutoff`: a NaN in the mask keeps its key valid, so the row comes out NaN as in eager
+    return ~(attention_mask <= additive_mask_cutoff(attention_mask.dtype)), attention_mask
 
 
 def masked_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over valid keys; masked keys and fully masked rows give exactly 0 (never NaN)."""
+    """Softmax in fp32 over valid keys; masked keys and fully masked rows give exactly 0. A NaN score at a valid
+    key makes its row NaN, as in softmax."""
     if valid is None:
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1, dtype=torch.float32)
-    return probs.masked_fill(~valid, 0.0).to(scores.dtype)
+    return probs.masked_fill(~valid, 0.0)  # fully masked rows: NaN from exp(-inf)/0 -> 0
+
+
+def _weights_requested(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether the caller needs this layer's probabilities: inside :func:`returning_weights`, or when
+    transformers collects attentions (BERT passes ``output_attentions``, GPT-2 only records the module output)."""
+    if getattr(module, WEIGHTS_ATTR, 0) or kwargs.get("output_attentions"):
+        return True
+    collecting = _active_collector.get() if _active_collector is not None else None
+    return bool(collecting) and any("attentions" in key for key in collecting)
 
 
 def sparse_attention_forward(
@@ -79,54 +138,80 @@ def sparse_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention with r-softmax (or softmax where the layer's rate is None).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention with r-softmax, or transformers' SDPA attention where the layer's rate is None.
+
+    A layer with rate None calls ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` with the
+    arguments it received, so it computes bit for bit what the unpatched SDPA model computes. A layer with a rate
+    computes ``r_softmax(scaling q kᵀ + bias, rate, mask=valid) v`` with ``(valid, bias) =``
+    :func:`mask_parts` ``(attention_mask)``: the quantile runs over valid keys only, a query row with no valid key
+    gives zeros, and a NaN score at a valid key makes its row NaN (as softmax does).
 
     Args:
+        module: the attention module; its rate is ``module.hf_sparse_attn_rate`` (None or absent = softmax).
         query: ``[B, H, T, D]``; key, value: ``[B, H, S, D]`` (S > T under a KV cache).
-        attention_mask: boolean ``[B, 1, T, S]`` (True = attend), additive float, or None (see module docstring).
+        attention_mask: None, bool ``[B, 1, T, S]`` (True = attend) or additive float (see the module docstring).
         scaling: multiplier of ``q·k``; defaults to ``D ** -0.5``.
-        dropout: attention dropout probability, applied in training only.
+        dropout: attention dropout probability (transformers passes 0 outside training).
+        kwargs: passed on to SDPA for softmax layers; ``is_causal`` is honoured by both paths.
 
     Returns:
         ``(output [B, T, H, D], probabilities [B, H, T, S] or None)``. The probabilities are returned before
-        dropout, so ``output_attentions=True`` shows the r-softmax sparsity pattern itself; the Triton kernel path
-        returns None for them unless :func:`returning_weights` is active.
+        dropout, so ``output_attentions=True`` shows the r-softmax sparsity pattern itself. They are computed
+        whenever transformers collects attentions or :func:`returning_weights` is active; otherwise softmax
+        layers (SDPA) and the Triton kernel path return None.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    valid = valid_keys(attention_mask, module, query.shape[-2], key.shape[-2], query.device)
-    rate = getattr(module, RATE_ATTR, None)
+    need_weights = _weights_requested(module, kwargs)
+    rate, eps = rates.module_rate(module)  # patch_model's rate, else the stored patch's (cached on the module)
+    if rate is None:
+        # SDPA warns that it cannot return weights when it sees output_attentions; we return them ourselves below
+        sdpa_kwargs = {name: value for name, value in kwargs.items() if name != "output_attentions"}
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **sdpa_kwargs
+        )
+        if not need_weights:
+            return output, None
+    valid, bias = mask_parts(
+        attention_mask, module, query.shape[-2], key.shape[-2], query.device, kwargs.get("is_causal")
+    )
     if rate is not None:
         return r_softmax_attention(
-            query, key, value, valid, rate, scaling=scaling, eps=getattr(module, EPS_ATTR, 1e-8),
-            dropout=dropout, training=module.training, need_weights=getattr(module, WEIGHTS_ATTR, False),
+            query, key, value, valid, rate, scaling=scaling, eps=eps,
+            dropout=dropout, training=module.training, need_weights=need_weights, bias=bias,
         )  # fmt: skip
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
-    probs = masked_softmax(scores, valid)
-    dropped = F.dropout(probs, p=dropout, training=module.training)
-    output = torch.matmul(dropped.to(value.dtype), value)  # (B, H, T, D)
-    return output.transpose(1, 2).contiguous(), probs  # (B, T, H, D)
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, H, T, S)
+    probs = masked_softmax(scores if bias is None else scores + bias, valid)
+    return output, probs.to(value.dtype)
 
 
 @contextmanager
 def returning_weights(model: nn.Module) -> Iterator[None]:
-    """Within the block, every attention layer of ``model`` returns its probabilities (``output_attentions``
-    works on CUDA too, through the reference path)."""
+    """Within the block, every patched attention layer of ``model`` returns its probabilities, also to callers
+    that read them without ``output_attentions`` (e.g. a forward hook); on CUDA this takes the reference path.
+    ``output_attentions=True`` alone already returns them. Blocks nest."""
     modules = [m for m in model.modules() if hasattr(m, RATE_ATTR)]
-    for module in modules:
-        setattr(module, WEIGHTS_ATTR, True)
+    for module in modules:  # a depth counter, so that nested blocks (e.g. measure_sparsity inside one) compose
+        setattr(module, WEIGHTS_ATTR, getattr(module, WEIGHTS_ATTR, 0) + 1)
     try:
         yield
     finally:
         for module in modules:
-            delattr(module, WEIGHTS_ATTR)
+            depth = getattr(module, WEIGHTS_ATTR, 1) - 1
+            if depth > 0:
+                setattr(module, WEIGHTS_ATTR, depth)
+            elif hasattr(module, WEIGHTS_ATTR):
+                delattr(module, WEIGHTS_ATTR)
 
 
 def register() -> None:
-    """Register the attention function and its mask builder under :data:`ATTENTION_NAME` (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, boolean_mask)
+    """Register the attention function and its mask builder under :data:`ATTENTION_NAME` (idempotent).
+
+    The mask builder is transformers' ``sdpa_mask`` itself, so softmax layers get exactly SDPA's masks."""
+    for name in (ATTENTION_NAME, ATTENTION_ALIAS):
+        AttentionInterface.register(name, sparse_attention_forward)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 register()

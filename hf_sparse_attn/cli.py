@@ -1,7 +1,14 @@
 """The ``hf-sparse-attn`` command.
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only maps command names to modules, so adding a command is one row in :data:`COMMANDS`.
+this file only maps command names to modules, so adding a command is one row in :data:`COMMANDS`. Only the
+module of the command being run is imported, and those modules import torch and transformers inside ``run``:
+``hf-sparse-attn --help`` and ``hf-sparse-attn COMMAND --help`` answer without loading them.
+
+Options take one style everywhere and accept both spellings, as ``transformers.HfArgumentParser`` does:
+``--output-dir`` and ``--output_dir`` are the same option. A command that fails on its input (a missing or
+malformed file, a model it cannot patch, a missing optional package) prints one line
+``hf-sparse-attn COMMAND: what went wrong`` to stderr and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,22 +17,43 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from hf_sparse_attn import __version__
 
 #: command name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hf_sparse_attn.demo", "patch the packaged MiniLM, show its sparsity, fine-tune it for a minute on CPU"),
-    "eval-ppl": ("hf_sparse_attn.perplexity", "perplexity of a (patched) causal LM on a text file"),
+    "demo": ("hf_sparse_attn.demo", "patch all-MiniLM-L6-v2, show its sparsity, fine-tune it with the Trainer"),
+    "patch": ("hf_sparse_attn.publish", "patch a checkpoint, save it with its model card, optionally push it"),
     "push": ("hf_sparse_attn.hub", "push a patched checkpoint (e.g. a recipe's output dir) to the Hub with a card"),
+    "eval-ppl": ("hf_sparse_attn.perplexity", "perplexity of a (patched) causal LM on a text file"),
+    "calibrate": ("hf_sparse_attn.calibrate_cli", "choose r per layer or head from data; save the patched checkpoint"),
     "plot": ("hf_sparse_attn.plotting", "plot loss/metric curves and per-layer sparsity from a Trainer output dir"),
+    "env": ("hf_sparse_attn.env", "print versions and devices, to paste into a bug report"),
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose long options also answer to their other spelling (``-`` <-> ``_``)."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        twins = [_twin(name) for name in names if name.startswith("--")]
+        return super().add_argument(*names, *(t for t in twins if t not in names), **kwargs)
+
+
+def _twin(option: str) -> str:
+    """``--output-dir`` -> ``--output_dir`` and back (``--lr`` stays ``--lr``)."""
+    name = option[2:]
+    return "--" + (name.replace("-", "_") if "-" in name else name.replace("_", "-"))
+
+
+def build_parser(command: str | None = None) -> ArgumentParser:
     """The parser; only ``command``'s module is imported (a broken or slow command cannot break the others)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hf-sparse-attn",
         description="r-softmax attention and softmax-bottleneck-free LM heads for HF Transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-sparse-attn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,7 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        # bad input: a missing / malformed file, a checkpoint that cannot be loaded or patched, a missing extra
+        print(f"hf-sparse-attn {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_sparse_attn.config import HEAD_NAMES
+from hf_sparse_attn.config import HEAD_NAMES, check_head_options
 from hf_sparse_attn.ops.mixture import log_mixture_linear
 from hf_sparse_attn.ops.monotonic import monotonic_transform
 from hf_sparse_attn.ops.sigsoftmax import log_sigsoftmax
@@ -70,6 +70,16 @@ class _LogProbHead(nn.Linear):
             self.register_parameter("bias", None)
         else:
             self.bias = linear.bias
+
+    def use_linear(self, linear: nn.Linear) -> None:
+        """Sit on top of ``linear`` from now on: take its weight/bias Parameters and sizes, keep the head's own
+        parameters (``extra``; none of them depends on the vocabulary size). How a patched model keeps its head
+        through ``resize_token_embeddings``, which replaces the output layer by a plain ``nn.Linear``."""
+        if linear.in_features != self.in_features:
+            raise ValueError(f"linear must take {self.in_features} input features; got {linear.in_features}")
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
 
     def reset_parameters(self) -> None:
         """Reset the head's own parameters to their step-0 values. The shared ``weight``/``bias`` are left alone:
@@ -280,7 +290,8 @@ def build_head(
         linear (`nn.Linear`): e.g. ``model.get_output_embeddings()``.
         num_mixtures (`int`, *optional*, defaults to 2): K for ``"mos"``/``"moss"``, >= 1.
         num_knots (`int`, *optional*, defaults to 1000): knots of ``"plif"``, >= 2.
-        knot_range (`float`, *optional*, defaults to 20.0): ``"plif"`` knots span [-knot_range, knot_range], > 0.
+        knot_range (`float`, *optional*, defaults to 20.0): ``"plif"`` knots span [-knot_range, knot_range],
+            in :data:`hf_sparse_attn.config.KNOT_RANGE_BOUNDS` (> 0, finite in float32).
 
     Returns:
         `nn.Linear`: the head; its forward maps `[..., D]` hidden states to `[..., V]` log-probabilities.
@@ -302,10 +313,7 @@ def build_head(
             f"head={name!r} needs the model's LM head, an nn.Linear (model.get_output_embeddings()); "
             f"got {type(linear).__name__}: the model has no LM head"
         )
-    _check_int("num_mixtures", num_mixtures, minimum=1)
-    _check_int("num_knots", num_knots, minimum=2)
-    if isinstance(knot_range, bool) or not isinstance(knot_range, (int, float)) or not 0 < knot_range < math.inf:
-        raise ValueError(f"knot_range must be a positive finite float; got {knot_range!r}")
+    num_mixtures, num_knots, knot_range = check_head_options(num_mixtures, num_knots, knot_range)
     base = restore_linear(linear)
     if name == "softmax":
         return base
@@ -335,10 +343,3 @@ def restore_linear(module: nn.Linear) -> nn.Linear:
     linear.weight = module.weight
     linear.bias = module.bias
     return linear
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")

@@ -1,6 +1,7 @@
 """Share patched checkpoints on the Hugging Face Hub with a model card, and the ``hf-sparse-attn push`` command.
 
-The card is rendered from ``model_cards/template.md`` with :class:`huggingface_hub.ModelCard` /
+The card is rendered from ``model_cards/template.md`` (at the top of the repository; the wheel carries it as
+``hf_sparse_attn/model_cards/template.md``) with :class:`huggingface_hub.ModelCard` /
 :class:`~huggingface_hub.ModelCardData`. It describes what ``patch_model`` did (read from the ``hf_sparse_attn``
 entry of ``config.json``), the measured sparsity and evaluation results when known (``model-index`` metadata
 through :class:`~huggingface_hub.EvalResult`), training hyper-parameters, framework versions, how to load the
@@ -8,16 +9,22 @@ model back and what to cite. Our part of the card sits between two HTML comments
 in place: an existing card (the Trainer's, or one edited on the Hub) keeps everything else, and pushing twice
 never duplicates it.
 
-Three ways to push, all one commit with weights, ``config.json`` and ``README.md``:
+``patch_model`` only tags the model (``model.add_model_tags(model_tags(...))``); it does not touch how the model
+is saved or pushed. The tags reach every push path, since transformers puts ``model.model_tags`` into the card of
+``model.push_to_hub`` and of ``Trainer.push_to_hub``. Our card *section* needs one of these (transformers 5.23
+offers no hook for it: ``PreTrainedModel.push_to_hub`` writes ``README.md`` after ``save_pretrained``, from the
+repo's current card or a generic template, and ``Trainer.push_to_hub`` rewrites it with ``Trainer.create_model_card``
+after saving; see docs/transformers-notes.md), each one commit with weights, ``config.json`` and ``README.md``:
 
-- ``model.push_to_hub(repo_id)`` on a patched model: ``patch_model`` binds :func:`push_to_hub` to the instance
-  (:func:`bind_push_to_hub`), because transformers' own ``push_to_hub`` overwrites any ``README.md`` written by
-  ``save_pretrained`` with the repo's current card or its generic template.
-- ``Trainer.push_to_hub()``: :func:`bind_trainer_card` makes the Trainer's ``create_model_card`` merge our
-  section into the card it writes (its results table, hyper-parameters and versions are kept).
-- ``hf-sparse-attn push OUT_DIR REPO_ID``: :func:`push_folder` uploads a saved checkpoint (e.g. a recipe's output
-  directory) and renders the card from its ``config.json``, ``README.md`` and ``trainer_state.json``; the
-  directory itself is only read.
+- :func:`push_to_hub` (``hf_sparse_attn.hub.push_to_hub(model, repo_id)``): same arguments as
+  ``model.push_to_hub``, with the card.
+- ``Trainer.push_to_hub()`` and ``TrainingArguments(push_to_hub=True)`` (``trainer.save_model()`` pushes):
+  :func:`bind_trainer_card` makes that Trainer's ``create_model_card`` merge our section into the card it writes
+  (its results table, hyper-parameters and versions are kept).
+- ``hf-sparse-attn push REPO_ID FOLDER`` (the order of ``hf upload``): :func:`push_folder` uploads a saved
+  checkpoint (e.g. a recipe's output directory) and renders the card from its ``config.json``, ``README.md`` and
+  ``trainer_state.json``; the directory itself is only read. ``hf-sparse-attn patch MODEL ... --output-dir DIR``
+  writes the card into ``DIR`` with :func:`write_model_card` (``--push-to-hub REPO`` then pushes ``DIR``).
 
 Tokens are resolved the usual ``huggingface_hub`` way: ``token=`` / ``--token``, then ``HF_TOKEN``, then the
 ``hf auth login`` cache.
@@ -31,17 +38,17 @@ import math
 import re
 import sys
 import tempfile
-import types
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from hf_sparse_attn.config import CONFIG_KEY, PatchConfig, layer_rates
+if TYPE_CHECKING:  # imported where used: hf_sparse_attn.config imports torch, which `push --help` does not need
+    from hf_sparse_attn.config import PatchConfig
 
 #: ``library_name`` of the cards we write (the PyPI name, as ``pip install`` and the CLI spell it)
 LIBRARY_NAME = "hf-sparse-attn"
@@ -107,6 +114,8 @@ def create_model_card(
         ...                          eval_results={"accuracy": 0.91}, measured_sparsity=measure_sparsity(model, batch))
         >>> card.save("out/README.md")
     """
+    from hf_sparse_attn.config import CONFIG_KEY, PatchConfig, layer_rates
+
     if hasattr(model, "get_base_model"):  # a PEFT model: describe the patched model inside
         model = model.get_base_model()
     config = getattr(model, "config", model)
@@ -131,7 +140,7 @@ def create_model_card(
         base_model=base_model,
         pipeline_tag=pipeline_tag,
         datasets=[dataset] if dataset else None,
-        tags=_unique(["transformers", LIBRARY_NAME, config.model_type, *_method_tags(rates, patch), *tags]),
+        tags=_unique(["transformers", config.model_type, *model_tags(rates, patch), *tags]),
         model_name=(repo_id or architecture) if metrics and dataset else None,
         eval_results=[
             EvalResult(
@@ -210,8 +219,8 @@ def push_to_hub(
     """Push a patched model (weights, config, card) in one commit; same arguments as transformers' ``push_to_hub``.
 
     The repo's current card, if any, is updated rather than replaced. ``card_kwargs`` go to
-    :func:`create_model_card` (``dataset``, ``eval_results``, ``measured_sparsity``, ...). After ``patch_model``,
-    ``model.push_to_hub(repo_id, ...)`` calls this.
+    :func:`create_model_card` (``dataset``, ``eval_results``, ``measured_sparsity``, ...). transformers' own
+    ``model.push_to_hub(repo_id)`` pushes the same files with transformers' card, tagged but without our section.
 
     Examples::
 
@@ -250,7 +259,14 @@ def push_folder(
     """
     from transformers import AutoConfig
 
+    from hf_sparse_attn.config import CONFIG_KEY
+
     folder = Path(folder)
+    if not folder.is_dir() and Path(repo_id).is_dir():
+        raise ValueError(
+            f"folder: {str(folder)!r} is not a directory but repo_id {repo_id!r} is; the order is REPO_ID FOLDER, "
+            f"as in `hf upload` (did you mean `push {folder} {repo_id}`?)"
+        )
     if not (folder / "config.json").is_file():
         raise ValueError(f"folder: {str(folder)!r} has no config.json; pass a directory written by save_pretrained")
     config = AutoConfig.from_pretrained(folder)
@@ -271,17 +287,31 @@ def push_folder(
     return _commit(api, folder, repo_id, card, token, revision, create_pr, commit_message, None)
 
 
-def bind_push_to_hub(model: Any) -> None:
-    """Make ``model.push_to_hub(...)`` (this instance only) call :func:`push_to_hub`, so the card is included.
+def model_tags(rates: Sequence[Any], patch: PatchConfig) -> list[str]:
+    """Hub tags of a patched model: ``hf-sparse-attn``, ``r-softmax`` and ``sparse-attention`` when some layer
+    has a rate, and the head's name (``moss``, ...) when it is not softmax. ``patch_model`` adds them with
+    ``model.add_model_tags``.
 
-    ``patch_model`` calls this; :func:`unbind_push_to_hub` (called by ``unpatch_model``) restores the class method.
+    Examples::
+
+        >>> model_tags([None, 0.5], PatchConfig(sparsity=[None, 0.5], head="moss"))
+        ['hf-sparse-attn', 'r-softmax', 'sparse-attention', 'moss']
     """
-    model.push_to_hub = types.MethodType(push_to_hub, model)
+    tags = [LIBRARY_NAME]
+    if any(rate is not None for rate in rates):
+        tags += ["r-softmax", "sparse-attention"]
+    return [*tags, patch.head_name] if patch.head_name != "softmax" else tags
 
 
-def unbind_push_to_hub(model: Any) -> None:
-    """Undo :func:`bind_push_to_hub`."""
-    vars(model).pop("push_to_hub", None)
+def remove_model_tags(model: Any) -> None:
+    """Remove the tags :func:`model_tags` gave a patched model (``unpatch_model`` calls this); others stay."""
+    from hf_sparse_attn.config import CONFIG_KEY, PatchConfig
+
+    data = getattr(model.config, CONFIG_KEY, None)
+    if data is None or not model.model_tags:
+        return
+    ours = set(model_tags([1.0], PatchConfig.from_dict(data)))  # every tag a rate or the head can add
+    model.model_tags = [tag for tag in model.model_tags if tag not in ours] or None
 
 
 def bind_trainer_card(trainer: Any, **card_kwargs: Any) -> None:
@@ -290,6 +320,9 @@ def bind_trainer_card(trainer: Any, **card_kwargs: Any) -> None:
     ``Trainer.push_to_hub`` writes its own card with ``create_model_card`` and uploads the output directory; we wrap
     that method on the instance to update the card it wrote with :func:`write_model_card` (the Trainer's eval
     results, hyper-parameters and versions stay). ``card_kwargs`` go to :func:`create_model_card`.
+
+    This covers every push of that Trainer that writes a card: ``trainer.push_to_hub()`` and, with
+    ``TrainingArguments(push_to_hub=True)`` (``--push_to_hub`` in the recipes), ``trainer.save_model()``.
 
     Examples::
 
@@ -310,8 +343,8 @@ def bind_trainer_card(trainer: Any, **card_kwargs: Any) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="checkpoint directory saved from a patched model (e.g. a recipe's output dir)")
     parser.add_argument("repo_id", help="Hub repository, e.g. me/roberta-rsoftmax-sst2 (created if missing)")
+    parser.add_argument("folder", help="checkpoint directory saved from a patched model (e.g. a recipe's output dir)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", help="Hub token (default: $HF_TOKEN, then the `hf auth login` cache)")
     parser.add_argument("--commit-message", help="commit message (default: 'Upload model patched with hf_sparse_attn')")
@@ -338,13 +371,16 @@ def run(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - the command's last resort: one clear line, no traceback
         # Hub errors (HfHubHTTPError: 401/403/5xx with the server's message), dropped connections (the HTTP
         # client's own errors) and failed LFS uploads (RuntimeError) all end here; nothing was committed.
-        print(f"hf-sparse-attn push: pushing {args.folder} to {args.repo_id} failed: {_describe(err)}", file=sys.stderr)
+        print(
+            f"hf-sparse-attn push: pushing {args.folder} to {args.repo_id} failed: {describe_error(err)}",
+            file=sys.stderr,
+        )
         return 1
     print(f"Pushed {args.folder} to {commit.repo_url}: {commit.commit_url}")
     return 0
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """``err`` and the causes that add something (e.g. the HTTP error behind "Error while uploading ...")."""
     message = f"{type(err).__name__}: {err}"
     cause = err.__cause__
@@ -480,11 +516,6 @@ def _metrics(entry: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         for key, value in entry.items()
         if key.startswith(prefix) and key.removeprefix("eval_") not in _NOT_METRICS and "sparsity" not in key
     }
-
-
-def _method_tags(rates: list[Any], patch: PatchConfig) -> list[str]:
-    tags = ["r-softmax", "sparse-attention"] if any(rate is not None for rate in rates) else []
-    return [*tags, patch.head_name] if patch.head_name != "softmax" else tags
 
 
 def _hub_id(name: str | None, exclude: str | None) -> str | None:

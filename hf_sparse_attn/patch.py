@@ -4,12 +4,24 @@
 implementation to ours, puts each layer's rate on its self-attention module, swaps the LM head, and writes
 the config into ``model.config`` so that ``save_pretrained`` / ``push_to_hub`` carry it. Only the given
 instance is changed; classes and other models are untouched.
+
+One source of truth: whether a model is patched, and how, is a property of the *instance*
+(``get_patch_config``), set by ``patch_model`` / ``set_sparsity`` and cleared by ``unpatch_model``. The
+``hf_sparse_attn`` entry of ``model.config`` is only its serialisation. A model that plain transformers loaded from
+a patched checkpoint carries the entry but is not patched: ``get_patch_config`` and ``set_sparsity`` raise and name
+the fix, ``unpatch_model`` drops the entry. ``patch_model`` gives the model its own copy of its config (and points
+every submodule holding the old object at the copy), so models built from one shared config object never change
+each other's attention or saved checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -17,20 +29,37 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers.utils import cached_file
-from transformers.utils import logging as hf_logging
+from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
 
-from hf_sparse_attn import attention, heads, hub
+from hf_sparse_attn import attention, fused_loss, heads, hub
 from hf_sparse_attn.architectures import self_attention_modules
 from hf_sparse_attn.config import CONFIG_KEY, PatchConfig, Sparsity, layer_rates
+from hf_sparse_attn.rates import clear_stored_rates, rate_value
 
 #: attribute on the model remembering the attention implementation it had before patching
 _ORIGINAL_IMPL_ATTR = "_hf_sparse_attn_original_impl"
+#: attribute on the model holding the :class:`PatchConfig` applied to this instance
+_PATCH_ATTR = "_hf_sparse_attn_patch"
+#: attribute on the model naming its current head and options (an unchanged head keeps its parameters)
+_HEAD_ATTR = "_hf_sparse_attn_head"
+#: the attention implementation names that are ours
+_OUR_IMPLEMENTATIONS = (attention.ATTENTION_NAME, attention.ATTENTION_ALIAS)
 
 
 def get_patch_config(model: nn.Module) -> PatchConfig | None:
-    """The patch applied to ``model`` (read from ``model.config``), or None."""
-    data = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    return None if data is None else PatchConfig.from_dict(data)
+    """The patch applied to this instance by :func:`patch_model` (a copy), or None for an unpatched model.
+
+    Read from the instance, not from ``model.config``: a model that plain transformers loaded from a patched
+    checkpoint carries the ``hf_sparse_attn`` config entry without running it, and gets a ``ValueError`` that names
+    the fix (load with :func:`hf_sparse_attn.from_pretrained`, or ``patch_model`` / ``unpatch_model`` it). A PEFT
+    model is read through its base model.
+    """
+    model = _base_model(model)
+    patch = vars(model).get(_PATCH_ATTR)
+    if patch is not None:
+        return copy.deepcopy(patch)
+    _raise_if_stored_only(model, "get_patch_config")
+    return None
 
 
 def patch_model(model: nn.Module, sparsity: Sparsity = None, head: str | None = None, **head_options: Any) -> nn.Module:
@@ -59,64 +88,84 @@ def patch_model(model: nn.Module, sparsity: Sparsity = None, head: str | None = 
     unknown = sorted(set(head_options) - allowed)
     if unknown:
         raise TypeError(f"patch_model() got unexpected option(s) {unknown}; allowed: {sorted(allowed)}")
+    # validate everything and build what is new before changing anything: a failed call leaves the model as it was
     config = PatchConfig(sparsity=sparsity, head=head, **head_options)
     modules = self_attention_modules(model)  # validates the model type
-    rates = layer_rates(config.sparsity, len(modules))
+    rates = _resolve_rates(model, config, len(modules))
     output_layer = model.get_output_embeddings()
     if config.head_name != "softmax" and not isinstance(output_layer, nn.Linear):
         raise ValueError(
             f"head={config.head!r} needs a model with an LM head (causal or masked LM); "
             f"{type(model).__name__} has none. Use head=None for this model."
         )
-    _check_per_head(rates, model)
-
-    if not hasattr(model, _ORIGINAL_IMPL_ATTR):
-        setattr(model, _ORIGINAL_IMPL_ATTR, model.config._attn_implementation)
+    new_head = _new_head(model, output_layer, config) if isinstance(output_layer, nn.Linear) else None
     attention.register()
+
+    _own_config(model)
+    if _ORIGINAL_IMPL_ATTR not in vars(model):
+        original = model.config._attn_implementation
+        # a plain load with our name (attn_implementation="hf_sparse_attn") had SDPA as transformers' default
+        setattr(model, _ORIGINAL_IMPL_ATTR, "sdpa" if original in _OUR_IMPLEMENTATIONS else original)
     model.set_attn_implementation(attention.ATTENTION_NAME)
     _set_rates(modules, rates, config.eps)
-    if isinstance(output_layer, nn.Linear):
-        _swap_head(model, output_layer, config)
-    setattr(model.config, CONFIG_KEY, config.to_dict())
-    hub.bind_push_to_hub(model)  # so model.push_to_hub(...) uploads our model card with the weights
+    if new_head is not None:
+        _replace_module(model, output_layer, new_head)
+        setattr(model, _HEAD_ATTR, _head_key(config))
+    fused_loss.enable_fused_loss(model)  # training with labels: the head loss without [tokens x V] logits
+    _record(model, config)
+    model.add_model_tags(hub.model_tags(rates, config))  # on the card of model.push_to_hub / Trainer.push_to_hub
+    model.resize_token_embeddings = types.MethodType(_resize_token_embeddings, model)  # keeps the head
     return model
 
 
 def set_sparsity(model: nn.Module, sparsity: Sparsity) -> None:
     """Change the r-softmax rates of a patched model (e.g. from a schedule) without touching its head.
 
-    Accepts the same forms as ``patch_model``'s ``sparsity`` and records them in ``model.config``.
+    Accepts the same forms as ``patch_model``'s ``sparsity`` and records them in ``model.config``. Raises
+    ``ValueError`` for a model that is not patched, including one that plain transformers loaded from a patched
+    checkpoint (it carries the config entry but does not run it). A PEFT model is changed through its base model.
     """
-    config = get_patch_config(model)
-    if config is None:
-        raise ValueError("set_sparsity: the model is not patched; call hf_sparse_attn.patch_model(model, ...) first")
-    config.sparsity = sparsity
-    config.__post_init__()  # validate
+    model = _base_model(model)
+    patch = _patch_of(model, "set_sparsity")
+    config = dataclasses.replace(patch, sparsity=sparsity)  # validates
     modules = self_attention_modules(model)
-    rates = layer_rates(config.sparsity, len(modules))
-    _check_per_head(rates, model)
+    rates = _resolve_rates(model, config, len(modules))
+    _own_config(model)
     _set_rates(modules, rates, config.eps)
-    getattr(model.config, CONFIG_KEY)["sparsity"] = config.sparsity
+    _record(model, config)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo ``patch_model``: the original attention implementation, softmax everywhere and the original LM head
-    (sharing the same weight Parameters). Returns ``model``."""
-    if get_patch_config(model) is None:
+    (sharing the same weight Parameters). Returns ``model``.
+
+    On a model that plain transformers loaded from a patched checkpoint (not patched, but its config carries the
+    ``hf_sparse_attn`` entry) it drops that entry and our attention implementation, so the model is plain and saves
+    as plain. Raises ``ValueError`` for a model with neither.
+    """
+    if _PATCH_ATTR not in vars(model) and getattr(model.config, CONFIG_KEY, None) is None:
         raise ValueError("unpatch_model: the model is not patched by hf_sparse_attn")
-    for module in self_attention_modules(model):
+    modules = self_attention_modules(model)
+    _own_config(model)
+    for module in modules:
         for name in (attention.RATE_ATTR, attention.EPS_ATTR):
-            if hasattr(module, name):
-                delattr(module, name)
+            vars(module).pop(name, None)
+    clear_stored_rates(model)
     output_layer = model.get_output_embeddings()
     if isinstance(output_layer, nn.Linear):
         _replace_module(model, output_layer, heads.restore_linear(output_layer))
-    hub.unbind_push_to_hub(model)
-    model.set_attn_implementation(getattr(model, _ORIGINAL_IMPL_ATTR))
-    delattr(model, _ORIGINAL_IMPL_ATTR)
-    if hasattr(model, "_hf_sparse_attn_head"):
-        del model._hf_sparse_attn_head
-    delattr(model.config, CONFIG_KEY)
+    hub.remove_model_tags(model)
+    fused_loss.disable_fused_loss(model)
+    vars(model).pop("resize_token_embeddings", None)
+    original = vars(model).pop(_ORIGINAL_IMPL_ATTR, None)
+    if original is None and model.config._attn_implementation in _OUR_IMPLEMENTATIONS:
+        original = "sdpa"  # loaded with attn_implementation="hf_sparse_attn": transformers' default instead
+    if original is not None:
+        model.set_attn_implementation(original)
+    for name in (_HEAD_ATTR, _PATCH_ATTR):
+        vars(model).pop(name, None)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
     return model
 
 
@@ -125,7 +174,12 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
 
     The class is the one recorded in ``config.json`` (``architectures[0]``), so a sequence classifier comes back
     as a sequence classifier. A checkpoint without a patch loads as the plain model. ``kwargs`` go to the class's
-    ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ``dtype``, ``num_labels``, ...).
+    ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ``dtype``, ``num_labels``, ``variant``, ...).
+
+    transformers' load report is kept, minus the head's own parameters (a plain class does not have them, so
+    transformers lists them as unexpected; they are loaded here from the weights file transformers reads:
+    ``model.safetensors`` when present, else the shards named by ``model.safetensors.index.json``). Missing base
+    weights, other unexpected keys and size mismatches are still reported.
 
     Examples::
 
@@ -144,41 +198,105 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
     if data is None:
         return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
     patch = PatchConfig.from_dict(data)
-    # the head's own parameters are not in the plain class: transformers would report them as unexpected keys,
-    # which we load ourselves just below, so silence that report
-    with _quiet_transformers():
-        model = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    before = set(model.state_dict())
-    patch_model(model, **{k: v for k, v in patch.to_dict().items() if k != "version"})
-    added = sorted(set(model.state_dict()) - before)
-    if added:
-        _load_tensors(model, pretrained_model_name_or_path, added, kwargs)
-    return model
+    want_info = kwargs.pop("output_loading_info", False)
+    with _HeldLoadReport() as held:  # re-emitted below without the head's keys (or as is if loading fails)
+        model, info = model_class.from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        before = set(model.state_dict())
+        patch_model(model, **{k: v for k, v in patch.to_dict().items() if k != "version"})
+        added = sorted(set(model.state_dict()) - before)
+        if added:
+            _load_tensors(model, pretrained_model_name_or_path, added, kwargs, patch)
+        held.discard()
+    info["unexpected_keys"] = set(info["unexpected_keys"]) - set(added)
+    loading_info = LoadStateDictInfo(
+        missing_keys=set(info["missing_keys"]),
+        unexpected_keys=info["unexpected_keys"],
+        mismatched_keys=set(info["mismatched_keys"]),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
+    log_state_dict_report(model, str(pretrained_model_name_or_path), True, loading_info, logger=_TRANSFORMERS_LOGGER)
+    return (model, info) if want_info else model
 
 
-def _check_per_head(rates: list, model: nn.Module) -> None:
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _raise_if_stored_only(model: nn.Module, caller: str) -> None:
+    """``ValueError`` for a model whose config carries a patch that the instance does not run."""
+    data = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if data is None:
+        return
+    name = getattr(model.config, "name_or_path", "") or "its checkpoint"
+    raise ValueError(
+        f"{caller}: this {type(model).__name__} is not patched, but its config carries an hf_sparse_attn patch "
+        f"({data!r}): plain transformers loaded {name} and did not apply it (without "
+        f'attn_implementation="{attention.ATTENTION_ALIAS}" it runs softmax). Load it with '
+        f"hf_sparse_attn.from_pretrained(path), or call hf_sparse_attn.patch_model(model, ...) to patch it, or "
+        f"hf_sparse_attn.unpatch_model(model) to drop the stored patch."
+    )
+
+
+def _patch_of(model: nn.Module, caller: str) -> PatchConfig:
+    """The instance's patch, or ``ValueError`` naming ``caller`` and the fix."""
+    patch = vars(model).get(_PATCH_ATTR)
+    if patch is None:
+        _raise_if_stored_only(model, caller)
+        raise ValueError(f"{caller}: the model is not patched; call hf_sparse_attn.patch_model(model, ...) first")
+    return patch
+
+
+def _resolve_rates(model: nn.Module, config: PatchConfig, num_layers: int) -> list:
+    """One rate per layer in the form the attention function takes; ``ValueError`` for a per-head rate whose length
+    is not the number of attention heads."""
     num_heads = model.config.num_attention_heads
+    rates = layer_rates(config.sparsity, num_layers)
     for index, rate in enumerate(rates):
         if isinstance(rate, list) and len(rate) != num_heads:
             raise ValueError(
                 f"sparsity[{index}]: a per-head rate needs one value per attention head ({num_heads}); got {len(rate)}"
             )
+    return [rate_value(rate) for rate in rates]
 
 
 def _set_rates(modules: list[nn.Module], rates: list, eps: float) -> None:
     for module, rate in zip(modules, rates, strict=True):
-        setattr(module, attention.RATE_ATTR, torch.tensor(rate) if isinstance(rate, list) else rate)
+        setattr(module, attention.RATE_ATTR, rate)
         setattr(module, attention.EPS_ATTR, eps)
 
 
-def _swap_head(model: nn.Module, output_layer: nn.Linear, config: PatchConfig) -> None:
-    current = getattr(model, "_hf_sparse_attn_head", None)
-    wanted = (config.head_name, tuple(sorted(config.head_options().items())))
-    if current == wanted:
-        return  # same head and options: keep its (possibly trained) parameters
-    new = heads.build_head(config.head_name, heads.restore_linear(output_layer), **config.head_options())
-    _replace_module(model, output_layer, new)
-    model._hf_sparse_attn_head = wanted
+def _record(model: nn.Module, config: PatchConfig) -> None:
+    """Make ``config`` the instance's patch and its serialisation in ``model.config``."""
+    setattr(model, _PATCH_ATTR, config)
+    setattr(model.config, CONFIG_KEY, config.to_dict())
+    clear_stored_rates(model)
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` its own copy of its config and point every submodule that held the old object at it, so that
+    changing it never changes another model built from the same config object."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for module in model.modules():
+        if vars(module).get("config") is old:
+            module.config = new
+
+
+def _head_key(config: PatchConfig) -> tuple:
+    return config.head_name, tuple(sorted(config.head_options().items()))
+
+
+def _new_head(model: nn.Module, output_layer: nn.Linear, config: PatchConfig) -> nn.Linear | None:
+    """The head ``config`` asks for on ``output_layer``'s weights, or None when the current one is it already (its
+    trained parameters are kept)."""
+    current = vars(model).get(_HEAD_ATTR)
+    if current == _head_key(config) or (current is None and config.head_name == "softmax"):
+        return None
+    return heads.build_head(config.head_name, heads.restore_linear(output_layer), **config.head_options())
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -189,37 +307,95 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), attr, new)
 
 
+def _resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Embedding:
+    """``resize_token_embeddings`` of a patched model (bound on the instance by ``patch_model``): transformers
+    replaces the output layer by a plain ``nn.Linear`` of the new size, tied or not; the head is put back on top of
+    it, with its own parameters (which do not depend on the vocabulary size)."""
+    head = model.get_output_embeddings()
+    embeddings = type(model).resize_token_embeddings(model, *args, **kwargs)
+    resized = model.get_output_embeddings()
+    if resized is not head and isinstance(head, heads._LogProbHead):
+        head.use_linear(resized)
+        _replace_module(model, resized, head)
+    return embeddings
+
+
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder", "proxies")
     return {k: kwargs[k] for k in names if k in kwargs}
 
 
-def _load_tensors(model: nn.Module, path: str | os.PathLike, names: list[str], kwargs: dict[str, Any]) -> None:
-    """Read ``names`` from the checkpoint's safetensors file(s) into ``model``."""
+def _weights_name(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.<variant>.safetensors``, as transformers names variant weights."""
+    if not variant:
+        return name
+    stem, _, suffix = name.partition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _load_tensors(
+    model: nn.Module, path: str | os.PathLike, names: list[str], kwargs: dict[str, Any], patch: PatchConfig
+) -> None:
+    """Read ``names`` into ``model`` from the weights transformers loads: ``model.safetensors`` when the checkpoint
+    has it, else the shards that ``model.safetensors.index.json`` lists (transformers' order in
+    ``modeling_utils._get_resolved_checkpoint_files``; a stale index left by an earlier sharded save is ignored)."""
     hub = _hub_kwargs(kwargs)
-    index_file = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
-    if index_file is not None:
+    variant = kwargs.get("variant")
+    single = cached_file(
+        path, _weights_name("model.safetensors", variant), _raise_exceptions_for_missing_entries=False, **hub
+    )
+    if single is not None:
+        files = [single]
+    else:
+        index_file = cached_file(path, _weights_name("model.safetensors.index.json", variant), **hub)
         with open(index_file) as f:
             weight_map = json.load(f)["weight_map"]
-        shards = {weight_map[name] for name in names if name in weight_map}
-    else:
-        shards = {"model.safetensors"}
+        files = [cached_file(path, shard, **hub) for shard in sorted({weight_map[n] for n in names if n in weight_map})]
     found: dict[str, torch.Tensor] = {}
-    for shard in sorted(shards):
-        with safe_open(cached_file(path, shard, **hub), framework="pt") as f:
+    for file in files:
+        with safe_open(file, framework="pt") as f:
             found.update({name: f.get_tensor(name) for name in names if name in f.keys()})  # noqa: SIM118
     missing = sorted(set(names) - set(found))
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks the patched head's parameters {missing}")
+    expected = model.state_dict()
+    wrong = [
+        f"{n}: {tuple(t.shape)} in the checkpoint, {tuple(expected[n].shape)} for the config"
+        for n, t in found.items()
+        if t.shape != expected[n].shape
+    ]
+    if wrong:
+        options = ", ".join(f"{k}={v!r}" for k, v in patch.head_options().items())
+        raise ValueError(
+            f"{path}: the {patch.head_name!r} head's saved parameters do not fit the head that config.json's "
+            f"hf_sparse_attn entry describes ({options}); was that entry edited? " + "; ".join(wrong)
+        )
     model.load_state_dict(found, strict=False)
 
 
-class _quiet_transformers:
-    """Context manager lowering transformers' log level to errors."""
+#: the logger transformers writes its load report to
+_TRANSFORMERS_LOGGER = logging.getLogger("transformers.modeling_utils")
 
-    def __enter__(self) -> None:
-        self._level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+
+class _HeldLoadReport(logging.Filter):
+    """Hold back transformers' load report (``... LOAD REPORT from: ...``) while active. If the block fails, the
+    held report is emitted as it was on exit; :meth:`discard` drops it (the caller emits a corrected one)."""
+
+    def __enter__(self) -> _HeldLoadReport:
+        self.held: list[logging.LogRecord] = []
+        _TRANSFORMERS_LOGGER.addFilter(self)
+        return self
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def discard(self) -> None:
+        self.held.clear()
 
     def __exit__(self, *exc: object) -> None:
-        hf_logging.set_verbosity(self._level)
+        _TRANSFORMERS_LOGGER.removeFilter(self)
+        for record in self.held:
+            _TRANSFORMERS_LOGGER.handle(record)

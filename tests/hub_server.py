@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import pytest
 import yaml
 
 #: files stored with LFS whatever their size, as in the ``.gitattributes`` the Hub puts in every new model repo
@@ -465,3 +466,23 @@ class _Handler(BaseHTTPRequestHandler):
         raise HubError(404, "", f"the test Hub server does not implement {self.command} {path}")
 
     do_GET = do_HEAD = do_POST = do_PUT = _handle
+
+
+#: tokens of the shared test Hub below: user "me", and the organisation of the demo's default model
+FIXTURE_TOKENS = {"hf_test_token_me": "me", "hf_test_token_st": "sentence-transformers"}
+
+
+@pytest.fixture(scope="module")
+def hub_server() -> Any:
+    """A :class:`HubServer` for the tests of one module (import this fixture and ``fake_hub`` into it)."""
+    with HubServer(tokens=FIXTURE_TOKENS) as server:
+        yield server
+
+
+@pytest.fixture
+def fake_hub(hub_server: HubServer, monkeypatch: Any, tmp_path: Path) -> HubServer:
+    """The test server, emptied, as the Hub of huggingface_hub and transformers; ``$HF_TOKEN`` of user "me"."""
+    hub_server.reset()
+    use_as_hub(monkeypatch, hub_server.url, tmp_path / "hf_home")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_me")
+    return hub_server

@@ -53,7 +53,18 @@ def test_attention_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture
     assert {r["shape"]["mask"] for r in results["records"]} == {"causal", "padded"}
 
 
+def test_patched_forward_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture, minilm_path: str) -> None:
+    providers = ["sdpa", "eager", "rsoftmax-none", "rsoftmax-0.5"]
+    results = run_and_load("bench_patched_forward", [], tmp_path, capsys)
+    check_records(results, providers, ["fwd", "fwdbwd"], cases=1, baseline="sdpa")
+    assert all(r["median_cpu_ms"] > 0 and r["cpu_ratio_vs_baseline"] > 0 for r in results["records"])
+    assert [(g["limit"], isinstance(g["pass"], bool)) for g in results["goals"]] == [(1.5, True), (2.0, True)]
+
+
 def test_lm_head_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    providers = ["linear_ce", "sigsoftmax", "mos", "plif"]
+    providers = ["linear_ce", "sigsoftmax", "mos", "plif", "fused_softmax", "fused_mos", "fused_plif"]
     results = run_and_load("bench_lm_head", ["--providers", *providers, "--modes", "fwdbwd"], tmp_path, capsys)
     check_records(results, providers, ["fwdbwd"], cases=1, baseline="linear_ce")
+    fused = {r["provider"]: r for r in results["records"] if r["provider"].startswith("fused_")}
+    assert {r["unfused"] for r in fused.values()} == {"linear_ce", "mos", "plif"}
+    assert all(r["time_vs_unfused"] > 0 and r["peak_vs_unfused"] > 0 for r in fused.values())

@@ -1,4 +1,5 @@
-"""``hf-sparse-attn demo`` end to end (quick mode) and the shipped sentiment set it trains on."""
+"""``hf-sparse-attn demo`` end to end (quick mode; offline with the packaged model, and from the loopback Hub) and
+the shipped sentiment set it trains on."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
-from transformers import AutoTokenizer
+import transformers
+from huggingface_hub import ModelCard
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_sparse_attn import cli, demo, from_pretrained, get_patch_config
+from hf_sparse_attn import cli, demo, from_pretrained, get_patch_config, patch_model
 
 
 def _rows() -> list[dict[str, str]]:
@@ -74,10 +78,8 @@ def test_render_attention_rejects_mismatched_shape():
         ("--sparsity", "half"),
         ("--epochs", "0"),
         ("--lr", "-1"),
-        ("--map-layer", "6"),
-        ("--map-head", "12"),
     ],
-    ids=["sparsity-negative", "sparsity-above-1", "sparsity-word", "epochs-0", "lr-negative", "layer-6", "head-12"],
+    ids=["sparsity-negative", "sparsity-above-1", "sparsity-word", "epochs-0", "lr-negative"],
 )
 def test_cli_rejects_bad_option(option, value, capsys):
     with pytest.raises(SystemExit):
@@ -86,24 +88,39 @@ def test_cli_rejects_bad_option(option, value, capsys):
 
 
 QUICK_ARGS = ["demo", "--quick", "--sparsity", "0.6", "--seed", "1"]
+FALLBACK = "The Hub is not reachable (HF_HUB_OFFLINE is set): using the packaged offline copy of " + demo.DEFAULT_MODEL
 
 
-def _run_demo(args: list[str]) -> str:
-    capture = io.StringIO()
-    with contextlib.redirect_stdout(capture):
-        assert cli.main(args) == 0
-    return capture.getvalue()
+def _run_demo(args: list[str]) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``hf-sparse-attn ARGS`` with the Hub switched off (HF_HUB_OFFLINE)."""
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        code = cli.main(args)
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
-def quick_run(minilm_path, tmp_path_factory) -> tuple[str, Path]:
-    """Output of one ``demo --quick`` run (sparsity 0.6, saving the model), shared by the tests below."""
+def quick_run(minilm_path, tmp_path_factory) -> tuple[str, str, Path]:
+    """stdout, stderr of one offline ``demo --quick`` run (sparsity 0.6, saving the model), shared below."""
     out_dir = tmp_path_factory.mktemp("demo") / "model"
-    return _run_demo([*QUICK_ARGS, "--output-dir", str(out_dir)]), out_dir
+    code, out, err = _run_demo([*QUICK_ARGS, "--output-dir", str(out_dir)])
+    assert code == 0, err
+    return out, err, out_dir
+
+
+def test_demo_falls_back_to_the_packaged_copy_with_one_line(quick_run):
+    out, err, _ = quick_run
+    assert sum(FALLBACK in line for line in err.splitlines()) == 1
+    assert out.startswith(f"{demo.DEFAULT_MODEL} (packaged offline copy) (6 layers x 12 heads)")
 
 
 def test_demo_prints_sparsity_near_rate_for_every_layer(quick_run):
-    output, _ = quick_run
+    output, _, _ = quick_run
     found = dict(re.findall(r"layer (\d+)\s+sparsity (\d\.\d+)", output))
     assert sorted(found) == [str(layer) for layer in range(6)]
     # a row of n valid keys zeroes about 0.6 * (n - 1) of them (quantile with interpolation), so short rows
@@ -112,7 +129,7 @@ def test_demo_prints_sparsity_near_rate_for_every_layer(quick_run):
 
 
 def test_demo_prints_attention_map(quick_run, minilm_path):
-    output, _ = quick_run
+    output, _, _ = quick_run
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(demo.DEFAULT_SENTENCE)["input_ids"])
     rows = re.findall(r"^\s*(\d+) (\S+)\s+((?:\s+[·.:\-=+*#%@])+)$", output, flags=re.MULTILINE)
@@ -123,26 +140,68 @@ def test_demo_prints_attention_map(quick_run, minilm_path):
     assert 0.45 <= zeros <= 0.65  # about 60% of each row's keys are exact zeros
 
 
-def test_demo_prints_accuracy_before_and_after(quick_run):
-    output, _ = quick_run
-    before = re.search(r"accuracy before fine-tuning: (\d\.\d+)", output)
+def _accuracy(model, tokenizer, sentences, labels) -> float:
+    with torch.no_grad():
+        batch = tokenizer(sentences, padding=True, truncation=True, max_length=demo.MAX_LENGTH, return_tensors="pt")
+        predictions = model.eval()(**batch).logits.argmax(-1)
+    return (predictions == torch.tensor(labels)).float().mean().item()
+
+
+def test_demo_accuracy_is_what_the_models_score(quick_run, minilm_path):
+    # before: the pretrained MiniLM with the classifier the seed initialises, patched; after: the saved model
+    output, _, out_dir = quick_run
+    before = re.search(r"accuracy before fine-tuning: (\d\.\d+)", output).group(1)
     after = re.search(r"accuracy after fine-tuning:\s+(\d\.\d+)\s+\((\d+) steps", output)
-    assert before and after
-    assert 0.0 <= float(before.group(1)) <= 1.0 and 0.0 <= float(after.group(1)) <= 1.0
+    sentences, labels = (part[: demo.QUICK_SENTENCES] for part in demo.load_sentiment("test"))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    transformers.set_seed(1)
+    start = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    patch_model(start, sparsity=0.6)
+    assert before == f"{_accuracy(start, tokenizer, sentences, labels):.3f}"
+    tuned = from_pretrained(str(out_dir))
+    assert after.group(1) == f"{_accuracy(tuned, tokenizer, sentences, labels):.3f}"
     assert int(after.group(2)) == demo.QUICK_STEPS
 
 
-def test_demo_saves_a_patched_checkpoint(quick_run):
-    _, out_dir = quick_run
+def test_demo_saves_a_patched_checkpoint_with_its_card(quick_run):
+    _, _, out_dir = quick_run
     model = from_pretrained(str(out_dir))
     assert type(model).__name__ == "BertForSequenceClassification"
     assert get_patch_config(model).sparsity == pytest.approx(0.6)
+    card = ModelCard.load(out_dir / "README.md")
+    assert card.data.library_name == "hf-sparse-attn" and card.data.base_model == demo.DEFAULT_MODEL
+    assert "| 5 | r-softmax | 0.6 |" in card.text
 
 
 def test_demo_is_reproducible_with_a_seed(quick_run):
     def without_timings(output: str) -> list[str]:
-        lines = [line for line in output.splitlines() if not line.startswith(("saved to", "total time"))]
+        lines = [
+            line for line in output.splitlines() if not re.search(r"saved to|total time|runtime|_per_second", line)
+        ]
         return [re.sub(r"in \d+ s", "", line) for line in lines]
 
-    first, _ = quick_run
-    assert without_timings(_run_demo(QUICK_ARGS)) == without_timings(first)
+    first, _, _ = quick_run
+    code, again, _ = _run_demo(QUICK_ARGS)
+    assert code == 0
+    assert without_timings(again) == without_timings(first)
+
+
+@pytest.mark.parametrize("option, value, bound", [("--map-layer", "6", "0..5"), ("--map-head", "12", "0..11")])
+def test_map_options_are_checked_against_the_model(minilm_path, option, value, bound):
+    code, _, err = _run_demo(["demo", "--quick", option, value])
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"hf-sparse-attn demo: {option} must be in {bound}")
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload
+def test_demo_loads_the_model_from_the_hub_when_it_answers(fake_hub, minilm_path, monkeypatch):
+    # the loopback Hub serves the model under its Hub id: no fallback line, the header names the Hub id
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_st")
+    api = huggingface_hub.HfApi()
+    api.create_repo(demo.DEFAULT_MODEL)
+    api.upload_folder(repo_id=demo.DEFAULT_MODEL, folder_path=minilm_path)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["demo", "--quick", "--max-steps", "1"]) == 0
+    assert "not reachable" not in err.getvalue()
+    assert out.getvalue().startswith(f"{demo.DEFAULT_MODEL} (6 layers x 12 heads)")

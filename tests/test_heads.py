@@ -100,10 +100,11 @@ def test_every_new_parameter_gets_a_gradient(model_type, head):
 def test_bfloat16_model_gives_float32_log_probs_and_gradients(head):
     model = patched("gpt2", head).to(torch.bfloat16).train()
     batch = labelled_batch("gpt2")
-    out = model(**batch)
+    with torch.no_grad():  # log-probs: the model's own forward (a training call with labels fuses the loss)
+        out = model(**batch)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
     torch.testing.assert_close(out.logits.logsumexp(-1), torch.zeros(batch["input_ids"].shape), atol=1e-4, rtol=0)
-    out.loss.backward()
+    model(**batch).loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is None or (param.grad.dtype == torch.bfloat16 and torch.isfinite(param.grad).all()), name
     assert all(p.grad is not None for p in getattr(head_of(model), "extra", nn.Module()).parameters())
@@ -114,7 +115,8 @@ def test_autocast_bfloat16_training_step(head):
     model = patched("gpt2", head).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**labelled_batch("gpt2"))
-    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.logits is None  # the fused head loss (hf_sparse_attn.fused_loss): no logits in training
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     for param in [head_of(model).weight, *getattr(head_of(model), "extra", nn.Module()).parameters()]:
         assert param.grad is not None and param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all()
@@ -135,7 +137,7 @@ def test_accepts_any_leading_shape(head):
 
 GENERATE_MODES = {
     "greedy": {"do_sample": False},
-    "top-p": {"do_sample": True, "top_p": 0.9},
+    "top-p": {"do_sample": True, "top_p": 0.5, "top_k": 0},
     "beam3": {"do_sample": False, "num_beams": 3},
 }
 
@@ -162,6 +164,45 @@ def test_generate(head, mode):
             assert out.sequences[0, 4] == model(prompt).logits[0, -1].argmax()
     if mode == "beam3":
         assert torch.isfinite(out.sequences_scores).all()
+    if mode == "top-p":  # only the nucleus of the head's distribution can be sampled, and it is what is sampled
+        for step, scores in enumerate(out.scores):
+            with torch.no_grad():
+                log_probs = model(out.sequences[:, : 4 + step]).logits[0, -1]
+            allowed = scores[0].isfinite().nonzero().flatten().tolist()
+            assert sorted(allowed) == nucleus(log_probs, top_p=0.5, banned=1)  # eos is banned by min_new_tokens
+            assert out.sequences[0, 4 + step].item() in allowed
+
+
+def nucleus(log_probs: torch.Tensor, top_p: float, banned: int) -> list[int]:
+    """The smallest set of most likely tokens whose probability reaches ``top_p`` (Holtzman et al. 2020), after
+    ``banned`` is removed and the rest renormalised: a token is in it if the tokens more likely than it hold less
+    than ``top_p`` of the mass."""
+    probs = log_probs.double().exp()
+    probs[banned] = 0
+    probs /= probs.sum()
+    order = probs.argsort(descending=True)
+    mass_before = probs[order].cumsum(0) - probs[order]
+    return sorted(order[(mass_before < top_p) & (probs[order] > 0)].tolist())
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_repetition_penalty_raises_log_probs_to_the_power(head):
+    """The penalty multiplies a negative score by θ and divides a positive one; a head's scores are
+    log-probabilities (<= 0), so every token already in the sequence gets θ · log p (docs/heads.md)."""
+    model = patched("gpt2", head)
+    prompt = torch.tensor([[5, 6, 7, 5]])
+    penalty = 1.7
+    out = model.generate(
+        prompt, max_new_tokens=1, do_sample=False, repetition_penalty=penalty, pad_token_id=1,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = model(prompt).logits[0, -1].clone()
+    assert (expected <= 0).all()
+    expected[[5, 6, 7]] *= penalty
+    # float32 defaults: generate computes the head on the last position only, a different matmul shape
+    torch.testing.assert_close(out.scores[0][0], expected)
+    assert out.sequences[0, -1] == expected.argmax()
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -330,7 +371,7 @@ def test_reset_parameters_restores_step_zero_and_keeps_the_weight():
         (lambda: build_head("mos", nn.Linear(8, 11), num_mixtures=0), ValueError, "num_mixtures must be an int >= 1"),
         (lambda: build_head("mos", nn.Linear(8, 11), num_mixtures=2.0), TypeError, "num_mixtures must be an int"),
         (lambda: build_head("plif", nn.Linear(8, 11), num_knots=1), ValueError, "num_knots must be an int >= 2"),
-        (lambda: build_head("plif", nn.Linear(8, 11), knot_range=0.0), ValueError, "knot_range must be a positive"),
+        (lambda: build_head("plif", nn.Linear(8, 11), knot_range=0.0), ValueError, "knot_range must be a float in"),
         (lambda: build_head("plif", nn.Linear(8, 11), knot_range=float("nan")), ValueError, "knot_range must be"),
         (lambda: MixtureHead(nn.Linear(8, 11), component="sparsemax"), ValueError, "component must be one of"),
         (lambda: restore_linear(nn.Conv1d(2, 2, 1)), TypeError, "module must be an nn.Linear"),

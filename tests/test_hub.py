@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 from pathlib import Path
@@ -17,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 import hf_sparse_attn
-from hf_sparse_attn import hub
+from hf_sparse_attn import cli, hub
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which its HTTP client deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -73,10 +72,8 @@ def outputs(model: torch.nn.Module) -> torch.Tensor:
 
 
 def push_command(*argv: str) -> int:
-    """``hf-sparse-attn push ARGV...`` (the command's own parser, so other commands' modules are not needed)."""
-    parser = argparse.ArgumentParser(prog="hf-sparse-attn push")
-    hub.add_arguments(parser)
-    return hub.run(parser.parse_args(argv))
+    """``hf-sparse-attn push ARGV...`` through the real command line (``REPO_ID FOLDER``, as ``hf upload``)."""
+    return cli.main(["push", *argv])
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -140,9 +137,29 @@ def test_push_then_from_pretrained_is_identical(fake_hub: HubServer, make, repo_
     assert hf_sparse_attn.get_patch_config(again) == hf_sparse_attn.get_patch_config(model)
     assert torch.equal(outputs(again), outputs(model))
     assert {"config.json", "model.safetensors", "README.md"} <= set(fake_hub.files(repo_id))
+    # transformers writes its own card; patch_model's tags (model.add_model_tags) are on it
     card = remote_card(fake_hub, repo_id)
-    assert card.data.library_name == "hf-sparse-attn", "model.push_to_hub did not include the hf_sparse_attn card"
-    assert f'hf_sparse_attn.from_pretrained("{repo_id}")' in card.text
+    assert {"hf-sparse-attn", "r-softmax"} <= set(card.data.tags)
+    assert "push_to_hub" not in vars(model), "patch_model must not rebind push_to_hub on the instance"
+
+
+def test_hub_push_to_hub_adds_our_card_section(fake_hub: HubServer) -> None:
+    model = gpt2_moss()
+    hub.push_to_hub(model, "me/with-card")
+    card = remote_card(fake_hub, "me/with-card")
+    assert card.data.library_name == "hf-sparse-attn"
+    assert {"hf-sparse-attn", "r-softmax", "moss"} <= set(card.data.tags)
+    assert 'hf_sparse_attn.from_pretrained("me/with-card")' in card.text
+    assert torch.equal(outputs(hf_sparse_attn.from_pretrained("me/with-card").eval()), outputs(model))
+
+
+def test_unpatch_removes_only_our_tags() -> None:
+    model = tiny_model(transformers.GPT2LMHeadModel)
+    model.add_model_tags(["mine"])
+    hf_sparse_attn.patch_model(model, sparsity=0.5, head="moss", num_mixtures=2)
+    assert model.model_tags == ["mine", "hf-sparse-attn", "r-softmax", "sparse-attention", "moss"]
+    hf_sparse_attn.unpatch_model(model)
+    assert model.model_tags == ["mine"]
 
 
 def test_without_the_package_the_checkpoint_loads_unpatched(fake_hub: HubServer) -> None:
@@ -243,15 +260,19 @@ def test_card_of_an_unpatched_model_is_refused() -> None:
 # -- Trainer and CLI ------------------------------------------------------------------------------------------------
 
 
-def test_trainer_push_merges_our_section_into_its_card(fake_hub: HubServer, tmp_path: Path) -> None:
-    model = bert_classifier()
+def tiny_trainer(output_dir: Path, repo_id: str) -> transformers.Trainer:
+    """A one-step Trainer of the patched tiny BERT classifier with ``push_to_hub=True`` (pushes at the end only)."""
     batch = padded_batch(batch_size=4)
     data = [{**{k: v[i] for k, v in batch.items()}, "labels": i % 2} for i in range(4)]
     args = transformers.TrainingArguments(
-        tmp_path / "out", max_steps=1, per_device_train_batch_size=2, report_to=[], push_to_hub=True,
-        hub_model_id="me/trainer-run", hub_strategy="end", use_cpu=True, save_strategy="no",
+        output_dir, max_steps=1, per_device_train_batch_size=2, report_to=[], push_to_hub=True,
+        hub_model_id=repo_id, hub_strategy="end", use_cpu=True, save_strategy="no",
     )  # fmt: skip
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    return transformers.Trainer(model=bert_classifier(), args=args, train_dataset=data)
+
+
+def test_trainer_push_merges_our_section_into_its_card(fake_hub: HubServer, tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path / "out", "me/trainer-run")
     hub.bind_trainer_card(trainer)
     trainer.train()
     trainer.push_to_hub()
@@ -264,11 +285,36 @@ def test_trainer_push_merges_our_section_into_its_card(fake_hub: HubServer, tmp_
     assert torch.equal(outputs(again), outputs(trainer.model.eval()))
 
 
+def test_trainer_save_model_with_push_to_hub_pushes_our_section(fake_hub: HubServer, tmp_path: Path) -> None:
+    # the recipes' --push_to_hub: TrainingArguments(push_to_hub=True), then trainer.save_model() pushes
+    trainer = tiny_trainer(tmp_path / "out", "me/recipe-run")
+    hub.bind_trainer_card(trainer)
+    trainer.train()
+    trainer.save_model()
+
+    card = remote_card(fake_hub, "me/recipe-run")
+    assert card.text.count(hub.SECTION_START) == 1
+    assert "| 0 | r-softmax | 0.5 |" in card.text
+    assert (tmp_path / "out" / "README.md").read_text().count(hub.SECTION_START) == 1
+
+
+def test_trainer_push_without_binding_carries_our_tags_only(fake_hub: HubServer, tmp_path: Path) -> None:
+    # what transformers 5.23 does by itself: Trainer.push_to_hub writes its card after saving, with
+    # model.model_tags (added by patch_model) among its tags; our section needs bind_trainer_card
+    trainer = tiny_trainer(tmp_path / "out", "me/unbound-run")
+    trainer.train()
+    trainer.push_to_hub()
+
+    card = remote_card(fake_hub, "me/unbound-run")
+    assert {"hf-sparse-attn", "r-softmax", "generated_from_trainer"} <= set(card.data.tags)
+    assert hub.SECTION_START not in card.text
+
+
 def test_cli_push_folder(fake_hub: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = gpt2_moss()
     model.save_pretrained(tmp_path / "out")
     before = file_hashes(tmp_path / "out")
-    assert push_command(str(tmp_path / "out"), "me/from-dir", "--private", "--commit-message", "first") == 0
+    assert push_command("me/from-dir", str(tmp_path / "out"), "--private", "--commit-message", "first") == 0
     assert "me/from-dir" in capsys.readouterr().out
     assert file_hashes(tmp_path / "out") == before  # the card went to the Hub, not into the directory
     assert "hf_sparse_attn.from_pretrained" in fake_hub.files("me/from-dir")["README.md"].decode()
@@ -279,14 +325,14 @@ def test_cli_push_folder(fake_hub: HubServer, tmp_path: Path, capsys: pytest.Cap
 
 def test_cli_push_to_a_new_branch(fake_hub: HubServer, tmp_path: Path) -> None:
     bert_classifier().save_pretrained(tmp_path / "out")
-    assert push_command(str(tmp_path / "out"), "me/branched", "--revision", "v1") == 0
+    assert push_command("me/branched", str(tmp_path / "out"), "--revision", "v1") == 0
     assert "config.json" in fake_hub.files("me/branched", "v1")
     assert "config.json" not in fake_hub.files("me/branched", "main")
 
 
 def test_cli_refuses_an_unpatched_folder(fake_hub: HubServer, tmp_path: Path, capsys) -> None:
     tiny_model(transformers.GPT2LMHeadModel).save_pretrained(tmp_path / "out")
-    assert push_command(str(tmp_path / "out"), "me/unpatched") == 2
+    assert push_command("me/unpatched", str(tmp_path / "out")) == 2
     assert "not saved from a patched model" in capsys.readouterr().err
     assert "me/unpatched" not in fake_hub.repos
 
@@ -308,7 +354,7 @@ def test_push_without_a_valid_token_fails_clearly(
     with pytest.raises(HfHubHTTPError, match=message):
         bert_classifier().push_to_hub("me/denied")
     bert_classifier().save_pretrained(tmp_path / "out")
-    assert push_command(str(tmp_path / "out"), "me/denied") == 1
+    assert push_command("me/denied", str(tmp_path / "out")) == 1
     assert message in capsys.readouterr().err
     assert fake_hub.repos == {}
 
@@ -337,7 +383,7 @@ def test_server_failure_is_reported_and_leaves_the_checkpoint_untouched(
     gpt2_moss().save_pretrained(folder)
     before = file_hashes(folder)
     fake_hub.inject_fault(method, path, action, times=100)  # persistent: outlasts huggingface_hub's retries
-    assert push_command(str(folder), "me/flaky") == 1
+    assert push_command("me/flaky", str(folder)) == 1
     err = capsys.readouterr().err
     assert f"pushing {folder} to me/flaky failed" in err
     assert all(part in err for part in expected), err

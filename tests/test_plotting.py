@@ -72,12 +72,14 @@ def test_plot_panels_follow_logged_keys(tmp_path):
     assert wide == pytest.approx(3 * narrow, rel=0.05)
 
 
-def test_plot_errors(tmp_path):
+def test_plot_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="no trainer_state.json"):
         find_trainer_state(tmp_path)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"epoch": 1.0, "step": 3}]}))
-    with pytest.raises(ValueError, match="nothing|no loss"):
-        cli(["plot", str(tmp_path)])
+    with pytest.raises(ValueError, match="no loss"):
+        plot_log_history(json.loads((tmp_path / "trainer_state.json").read_text())["log_history"], tmp_path / "x.png")
+    assert cli(["plot", str(tmp_path)]) == 2  # the command prints one line instead (tests/test_cli.py)
+    assert "no loss, evaluation metric or sparsity values" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

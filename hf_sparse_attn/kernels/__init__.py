@@ -4,5 +4,6 @@ Importing this package never imports Triton: the dispatchers load the kernel mod
 """
 
 from hf_sparse_attn.kernels.dispatch import kernel_unsupported_reason, r_softmax_attention, triton_available
+from hf_sparse_attn.kernels.head_loss_dispatch import fused_head_loss
 
-__all__ = ["kernel_unsupported_reason", "r_softmax_attention", "triton_available"]
+__all__ = ["fused_head_loss", "kernel_unsupported_reason", "r_softmax_attention", "triton_available"]

@@ -3,12 +3,14 @@
 Kernels are an optimisation, never a requirement (DESIGN §3): Triton is imported only when the kernel path is
 taken, so this module works without Triton installed. Both paths compute the same function (the kernel is tested
 against the reference at fp32 tolerance); the reference is :func:`hf_sparse_attn.ops.r_softmax` on the
-materialised ``[B, H, T, S]`` scores, exactly as ``hf_sparse_attn.attention`` computes them.
+materialised ``[B, H, T, S]`` scores ``(scaling q) kᵀ + bias``. Scaling ``q`` before the product keeps fp16 scores
+finite wherever the scaled scores fit in fp16, as in SDPA (``q·k`` itself may overflow).
 
 The kernel covers masks made of per-(batch, key) padding and an optional causal pattern with queries aligned to
 the end of the keys (query ``i`` sees key ``j`` iff ``j <= i + S - T``, as under a KV cache), one rate per head
-(or one for all), fp16/bf16/fp32, head dims 16/32/64/128, no attention dropout in training, no returned weights.
-The dispatcher recognises such a mask from the materialised boolean mask transformers builds.
+(or one for all), fp16/bf16/fp32, head dims 16/32/64/128, no attention dropout in training, no returned weights,
+no additive bias at valid keys. The dispatcher recognises such a mask from the materialised boolean mask
+transformers builds. Nothing here hides a NaN: a NaN score at a valid key gives a NaN row on every path.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ def _reference(
     eps: float,
     dropout: float,
     training: bool,
+    bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, H, T, S); no fp16 overflow of raw q·k
+    if bias is not None:
+        scores = scores + bias  # additive mask, as eager attention adds it (dtype promotion included)
     if isinstance(rate, torch.Tensor) and rate.dim() == 1:
         rate = rate.to(scores.device).view(1, -1, 1, 1)  # per-head rates: (1, H, 1, 1)
     probs = r_softmax(scores, rate, mask=valid, eps=eps)  # (B, H, T, S)
@@ -123,7 +128,14 @@ def _reference(
 
 
 def _check_arguments(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rate: object, eps: float, backend: str
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: object,
+    bias: object,
+    rate: object,
+    eps: float,
+    backend: str,
 ) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -131,6 +143,20 @@ def _check_arguments(
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must be a 4-d tensor [B, H, T or S, D]; got {got}")
+    scores_shape = (*query.shape[:-1], key.shape[-2])  # (B, H, T, S)
+    for name, tensor, kind in (("valid", valid, "bool"), ("bias", bias, "floating-point")):
+        if tensor is None:
+            continue
+        is_tensor = isinstance(tensor, torch.Tensor)
+        if not (is_tensor and (tensor.dtype == torch.bool if kind == "bool" else tensor.is_floating_point())):
+            got = f"dtype {tensor.dtype}" if is_tensor else type(tensor).__name__
+            raise TypeError(f"{name} must be None or a {kind} tensor; got {got}")
+        try:
+            torch.broadcast_shapes(tensor.shape, scores_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(tensor.shape)} does not broadcast to the scores [B, H, T, S] = {scores_shape}"
+            ) from None
     if rate is None or isinstance(rate, bool) or not isinstance(rate, Real | torch.Tensor):
         raise TypeError(f"rate must be a number in [0, 1] or a tensor of rates (None means softmax); got {rate!r}")
     if isinstance(eps, bool) or not isinstance(eps, Real) or not 0.0 < float(eps) < float("inf"):
@@ -147,6 +173,7 @@ def _kernel_plan(
     training: bool,
     need_weights: bool,
     backend: str,
+    bias: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor | None, torch.Tensor, bool] | None, str | None]:
     """``((key_padding [B, S] or None, rates [H], causal), None)`` when the kernel can run the call, else
     ``(None, reason)``. Raises ``ValueError`` for rates outside [0, 1] (checked in the same device sync)."""
@@ -165,9 +192,15 @@ def _kernel_plan(
         return None, f"mask of shape {tuple(valid.shape)} is not a [B, 1, T, S] padding/causal mask"
     all_valid = padding.all() if padding is not None else is_padding
     in_range = ((rates >= 0) & (rates <= 1)).all()
-    only_padding, causal, all_valid, in_range = torch.stack([is_padding, is_causal, all_valid, in_range]).tolist()
+    no_bias = is_padding.new_ones(())
+    if bias is not None:  # an additive mask that is 0 at every valid key is a plain mask; biases and NaN are not
+        no_bias = (bias.eq(0) if valid is None else bias.eq(0) | ~valid).all()
+    flags = torch.stack([is_padding, is_causal, all_valid, in_range, no_bias]).tolist()
+    only_padding, causal, all_valid, in_range, no_bias = flags
     if not in_range:
         raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
+    if not no_bias:
+        return None, "the additive mask adds non-zero values (biases) at valid keys"
     if not (only_padding or causal):
         return None, "the mask is neither key padding nor key padding + causal (offset S - T)"
     # a mask matching both patterns (T = 1 under a KV cache) takes the cheaper non-causal path
@@ -187,9 +220,10 @@ def r_softmax_attention(
     training: bool = False,
     need_weights: bool = False,
     *,
+    bias: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention with r-softmax: ``o = r_softmax(scaling q k^T, rate, mask=valid) v``.
+    """Scaled dot-product attention with r-softmax: ``o = r_softmax(scaling q k^T + bias, rate, mask=valid) v``.
 
     Each query row keeps the keys whose score exceeds the r-quantile of its *valid* scores (DESIGN §2): a
     fraction ``rate`` of the valid keys gets weight exactly 0, masked keys get 0 and do not enter the quantile, and
@@ -208,6 +242,8 @@ def r_softmax_attention(
         eps: r-softmax margin epsilon (> 0).
         dropout, training: attention dropout probability, applied to the probabilities when ``training``.
         need_weights: the caller needs the ``[B, H, T, S]`` probabilities (forces the reference path).
+        bias: optional float tensor broadcastable to ``[B, H, T, S]`` added to the scaled scores, e.g. the additive
+            mask of eager attention (its entries at keys that ``valid`` masks are ignored, whatever they hold).
         backend: ``"auto"``, ``"triton"`` (raise ``ValueError`` when the kernel cannot run the call) or
             ``"reference"``.
 
@@ -222,14 +258,14 @@ def r_softmax_attention(
         >>> out.shape, weights.shape
         (torch.Size([2, 16, 4, 32]), torch.Size([2, 4, 16, 16]))
     """
-    _check_arguments(query, key, value, rate, eps, backend)
+    _check_arguments(query, key, value, valid, bias, rate, eps, backend)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    plan, reason = _kernel_plan(query, key, value, valid, rate, dropout, training, need_weights, backend)
+    plan, reason = _kernel_plan(query, key, value, valid, rate, dropout, training, need_weights, backend, bias)
     if plan is None:
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
-        return _reference(query, key, value, valid, rate, scaling, eps, dropout, training)
+        return _reference(query, key, value, valid, rate, scaling, eps, dropout, training, bias)
 
     from hf_sparse_attn.kernels.r_softmax_attention_triton import RSoftmaxAttentionFunction
 

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SLOPE_OFFSET", "monotonic_transform"]
+__all__ = ["SLOPE_OFFSET", "monotonic_transform", "segment_table"]
 
 #: logits per look-up chunk (the int64 segment indices of one chunk take 32 MiB)
 CHUNK_ELEMENTS = 2**22
@@ -78,6 +78,26 @@ class _PiecewiseLinear(torch.autograd.Function):
         return grad_z, grad_slopes, grad_intercepts, None
 
 
+def segment_table(theta: torch.Tensor, knot_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The look-up table of f (module docstring): slopes s_i and intercepts a_i of the K - 1 segments, so that
+    f(z) = s_i * z + a_i with i = clamp(floor((z + T) / delta), 0, K - 2). Differentiable in ``theta``.
+
+    Args:
+        theta (`torch.Tensor`): `[K - 1]` raw slopes (float32/64).
+        knot_range (`float`): T > 0.
+
+    Returns:
+        `(slopes [K - 1], intercepts [K - 1])` in the dtype of ``theta``.
+    """
+    num_segments = theta.numel()
+    delta = 2.0 * knot_range / num_segments
+    slopes = F.softplus(theta + SLOPE_OFFSET)  # [K-1]
+    left_knots = -knot_range + delta * torch.arange(num_segments, dtype=theta.dtype, device=theta.device)
+    excess = delta * torch.cumsum(slopes - 1.0, dim=0)  # [K-1]; f(x_i) - x_i = excess[i-1]
+    intercepts = left_knots * (1.0 - slopes) + F.pad(excess[:-1], (1, 0))  # [K-1]
+    return slopes, intercepts
+
+
 def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float) -> torch.Tensor:
     r"""Apply the strictly increasing piecewise-linear map f (module docstring) to every entry of ``z``.
 
@@ -107,12 +127,7 @@ def monotonic_transform(z: torch.Tensor, theta: torch.Tensor, knot_range: float)
     if theta.dim() != 1 or theta.numel() < 1:
         raise ValueError(f"theta must be 1-D with num_knots - 1 >= 1 entries, got shape {tuple(theta.shape)}")
     compute_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    num_segments = theta.numel()
-    delta = 2.0 * knot_range / num_segments
-    slopes = F.softplus(theta.to(compute_dtype) + SLOPE_OFFSET)  # [K-1]
-    left_knots = -knot_range + delta * torch.arange(num_segments, dtype=compute_dtype, device=theta.device)
-    excess = delta * torch.cumsum(slopes - 1.0, dim=0)  # [K-1]; f(x_i) - x_i = excess[i-1]
-    intercepts = left_knots * (1.0 - slopes) + F.pad(excess[:-1], (1, 0))  # [K-1]
+    slopes, intercepts = segment_table(theta.to(compute_dtype), knot_range)
     zf = z.to(compute_dtype)
     y = _PiecewiseLinear.apply(zf.reshape(-1), slopes, intercepts, float(knot_range))  # [numel]
     return y.view(z.shape).to(z.dtype)

@@ -21,6 +21,14 @@ quantile, so padding eats into the rate (8 real + 8 padded keys at r = 0.75 coll
 quantile runs over valid positions only (``mask`` True and ``x > -inf``), masked positions get exactly 0, and a
 row with no valid position gives zeros, never NaN.
 
+NaN (decided in issue 10, item 11, for the reference and the kernels alike): a NaN at a valid position makes the
+whole row NaN -- its output, margin and gradient -- as ``torch.softmax`` and SDPA do, so a diverging model is not
+hidden; a NaN at a masked position is ignored like any content there.
+
+Speed: the quantile costs one sort per row (numpy's vectorised sort on CPU, see :func:`_sort_rows`), and the
+forward holds two score-sized buffers (the masked scores and the sorted copy, which then receives ``p``), the
+backward three; docs/r_softmax.md ("Speed on CPU") has the measurements.
+
 Gradient, as in the official code: ``t`` is detached, ``m`` is not, so the threshold ``m - t`` moves with the
 maximum. With ``e_i = exp(x_i - m)``, ``c_i = 1[x_i - m + t > 0]``, ``a_i = w_i e_i``, ``S = sum_i a_i``,
 ``b_i = (c_i + w_i) e_i``, ``M = argmax`` and upstream gradient ``g``::
@@ -98,42 +106,104 @@ def _check_inputs(x: torch.Tensor, r: float | torch.Tensor, dim: int, mask: torc
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}")
 
 
-def _valid_positions(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bool ``[..., N]``: ``mask`` (broadcast) and ``x > -inf``, so an additive ``-inf`` mask works too."""
-    valid = x != float("-inf")
-    return valid if mask is None else valid & mask
+def _scores(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the compute dtype with masked positions at ``-inf`` (whatever they held, even NaN); one pass over
+    ``x``, and ``x`` itself (no copy) when there is no mask and the dtype matches."""
+    return x.to(dtype) if mask is None else torch.where(mask, x, float("-inf")).to(dtype)
 
 
-def _margin_last_dim(x: torch.Tensor, r: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
-    """``t = m - q_r + eps`` per row of ``x [..., N]`` along the last dim, ``[..., 1]``, detached.
+def _sort_rows(scores: torch.Tensor) -> torch.Tensor:
+    """The values of ``scores`` sorted ascending along the last dim (NaN last), in a new contiguous tensor.
 
-    The quantile runs over valid entries only, with no Python loop and O(N) memory per row: masked entries sort
-    to the end as ``+inf``, so the order statistics of the ``k`` valid entries come first; position ``r (k - 1)``
-    and the interpolation are computed as torch.quantile computes them. Rows with no valid entry get ``t = eps``.
+    On CPU, numpy's sort: it vectorises (x86-simd-sort with AVX2/AVX-512, Highway's vqsort on Arm) and sorted the
+    ``[8, 12, 128, 128]`` attention scores of a MiniLM layer ~25x faster than ``torch.sort``, whose per-row sort
+    took ~60% of the patched model's forward (docs/r_softmax.md, "Speed"). Sorting is exact, so both give the same
+    values: NaN last, ``-0.0`` and ``0.0`` tied. ``torch.sort`` everywhere else: other devices, tensor subclasses
+    (e.g. the fake tensors of tracing) and under ``torch.compile``.
     """
-    x = x.detach()
-    count = valid.expand_as(x).sum(dim=-1, keepdim=True)  # (..., 1) k
-    ordered = x.masked_fill(~valid, float("inf")).sort(dim=-1).values  # (..., N) valid entries first, ascending
-    last = (count - 1).clamp(min=0)  # (..., 1) index of the largest valid entry
-    position = r * last.to(x.dtype)  # (..., 1)
+    if scores.device.type == "cpu" and type(scores) is torch.Tensor and not torch.compiler.is_compiling():
+        ordered = scores.clone(memory_format=torch.contiguous_format)  # torch's memory, sorted in place by numpy
+        ordered.numpy().sort(axis=-1)
+        return ordered
+    return scores.sort(dim=-1).values
+
+
+def _margin_and_max(ordered: torch.Tensor, r: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, m)``, both ``[..., 1]``, from the masked scores (``-inf`` = masked) sorted along the last dim.
+
+    ``t = m - q_r + eps`` as the module docstring defines it, with no Python loop and O(N) memory per row: the
+    sort puts the masked entries first (``-inf``), so the ``k`` valid ones are the last ``k`` of the row and the
+    row maximum is its last entry. Position ``r (k - 1)`` among them and the interpolation are computed as
+    torch.quantile computes them. A row with no valid entry gets ``t = eps`` and ``m = -inf``; a NaN at a valid
+    position sorts last and gives ``m = NaN``, so the whole row comes out NaN. ``ordered`` is no longer needed
+    afterwards: ``t`` and ``m`` are new tensors.
+    """
+    n = ordered.shape[-1]
+    neg_inf = ordered.new_full((*ordered.shape[:-1], 1), float("-inf"))
+    first = torch.searchsorted(ordered, neg_inf, right=True)  # (..., 1) masked count N - k: first valid index
+    start = first.clamp(max=n - 1)  # an empty row (first = N) reads index N - 1 and gets t = eps below
+    position = r * (n - 1 - start).to(ordered.dtype)  # (..., 1) r (k - 1)
     below = position.floor().long()
     above = position.ceil().long()
-    quantile = torch.lerp(ordered.gather(-1, below), ordered.gather(-1, above), position - below.to(x.dtype))
-    margin = ordered.gather(-1, last) - quantile + eps  # (..., 1)
-    return torch.where(count > 0, margin, eps)  # an empty row gives inf - inf = NaN; its output is 0 anyway
+    low, high = ordered.gather(-1, start + below), ordered.gather(-1, start + above)
+    quantile = torch.lerp(low, high, position - below.to(ordered.dtype))  # (..., 1)
+    row_max = ordered[..., -1:].clone()  # (..., 1)
+    return torch.where(first < n, row_max - quantile + eps, eps), row_max  # empty: -inf - -inf = NaN -> eps
 
 
-def _scores(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in the compute dtype with masked positions at ``-inf`` (whatever they held, even NaN)."""
-    x = x.to(dtype)
-    return x if mask is None else x.masked_fill(~mask, float("-inf"))
+def _weighted(
+    ctx: FunctionCtx,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    scores: torch.Tensor,
+    t: torch.Tensor,
+    row_max: torch.Tensor,
+    spare: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The forward shared by both Functions: ``p`` from the masked ``scores``, ``t`` and ``m``; saves for the VJP.
+
+    Few full-size temporaries, because on CPU each fresh one costs more than the arithmetic (page faults):
+    ``scores`` is overwritten unless it is ``x`` itself, and ``p`` is written into ``spare`` (a tensor shaped like
+    ``scores`` that the caller no longer needs) when one is given.
+    """
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # empty row: exp(-inf - 0) = 0, not NaN
+    shifted = scores - row_max if scores is x else scores.sub_(row_max)  # (..., N) x - m
+    lifted = torch.add(shifted, t, out=spare) if spare is not None else shifted + t  # (..., N) u = x - m + t
+    weighted = lifted.relu_().mul_(shifted.exp_())  # (..., N) a = w e
+    total = weighted.sum(dim=-1, keepdim=True)  # (..., 1) S, 0 only for a row with no valid position
+    total = total.masked_fill(total == 0, 1.0)
+    ctx.save_for_backward(x, mask, t, row_max, total)
+    return weighted.div_(total).to(x.dtype)
 
 
-def _exp_and_lifted(scores: torch.Tensor, row_max: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``e = exp(x - m)`` and ``u = x - m + t`` (so ``w = relu(u)``, ``c = 1[u > 0]``); ``0`` and ``-inf`` on
-    masked positions."""
-    shifted = scores - row_max  # (..., N)
-    return shifted.exp(), shifted.add_(t)
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_i a_i b_i`` along the last dim, ``[..., 1]``, without the full-size product in memory."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)  # (..., 1, N) @ (..., N, 1) -> (..., 1)
+
+
+def _vjp(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+    """``dx`` of the module docstring, from what :func:`_weighted` saved: ``e``, ``w``, ``c`` and ``p`` recomputed.
+
+    Three full-size temporaries, no bool mask: selecting with a data-dependent bool mask (``masked_fill``,
+    ``where``) branches per element on CPU and took ~10x as long as the arithmetic around it.
+    """
+    x, mask, t, row_max, total = ctx.saved_tensors
+    scores = _scores(x, mask, t.dtype)  # (..., N)
+    # Ties: torch.max picks one index, and autograd through torch.max(...).values sends the gradient there.
+    argmax = scores.max(dim=-1, keepdim=True).indices  # (..., 1)
+    shifted = scores - row_max if scores is x else scores.sub_(row_max)  # (..., N) x - m
+    exp = shifted.exp()  # e
+    lifted = shifted.add_(t)  # u = x - m + t: w = relu(u), c = 1[u > 0]
+    alive = torch.gt(lifted, 0, out=torch.empty_like(lifted))  # c as 0.0 / 1.0
+    alive_exp = exp.mul_(alive)  # c e
+    weighted_exp = lifted.relu_().mul_(alive_exp)  # a = w e (w = 0 where c = 0)
+    g = grad.to(t.dtype)
+    mean = _row_dot(g, weighted_exp) / total  # (..., 1) <g, p>
+    centred = torch.sub(g, mean, out=alive).div_(total)  # (g - <g, p>) / S
+    through_max = _row_dot(alive_exp, centred)  # (..., 1) sum_i c_i e_i (g_i - <g, p>) / S
+    grad_x = weighted_exp.add_(alive_exp).mul_(centred)  # b_j (g_j - <g, p>) / S, b = (c + w) e
+    # The threshold m - t moves with the maximum, so the max's share goes to the argmax.
+    return grad_x.scatter_add_(-1, argmax, through_max.neg()).to(x.dtype)
 
 
 class RSoftmax(torch.autograd.Function):
@@ -148,11 +218,11 @@ class RSoftmax(torch.autograd.Function):
     - ``mask``: bool broadcastable to ``x`` (True = valid) or None.
 
     Inputs are trusted: :func:`r_softmax` is the validated entry point. The forward saves ``x`` (in its own
-    dtype) plus per-row ``t``, ``m``, ``S`` and the argmax index, and the backward recomputes ``e``, ``w``,
-    ``c`` and ``p`` from them, FlashAttention-style: ``p`` alone would not do, because the VJP needs ``w``
-    and ``p`` determines ``w`` only through a Lambert-W inversion. Ties for the maximum: the whole
-    ``1[j = M]`` term goes to the single index ``torch.max`` returns, exactly as autograd through
-    ``torch.max(x, dim).values`` in the official code does (``torch.amax`` would split it evenly).
+    dtype) plus per-row ``t``, ``m`` and ``S``, and the backward recomputes ``e``, ``w``, ``c``, ``p`` and the
+    argmax from them, FlashAttention-style: ``p`` alone would not do, because the VJP needs ``w`` and ``p``
+    determines ``w`` only through a Lambert-W inversion. Ties for the maximum: the whole ``1[j = M]`` term goes to
+    the single index ``torch.max`` returns, exactly as autograd through ``torch.max(x, dim).values`` in the
+    official code does (``torch.amax`` would split it evenly).
 
     Examples::
         >>> x = torch.tensor([[3.0, 2.0, 1.0, 1.0]], requires_grad=True)
@@ -167,29 +237,35 @@ class RSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = _scores(x, mask, t.dtype)  # (..., N)
-        # Ties: torch.max picks one index, and autograd through torch.max(...).values sends the gradient there.
-        row_max, argmax = scores.max(dim=-1, keepdim=True)  # (..., 1)
-        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # empty row: exp(-inf - 0) = 0, not NaN
-        exp, lifted = _exp_and_lifted(scores, row_max, t)
-        weighted = lifted.relu_().mul_(exp)  # (..., N) a = w e
-        total = weighted.sum(dim=-1, keepdim=True)  # (..., 1) S, 0 only for a row with no valid position
-        total = total.masked_fill(total == 0, 1.0)
-        ctx.save_for_backward(x, mask, t, row_max, total, argmax)
-        return weighted.div_(total).to(x.dtype)
+        return _weighted(ctx, x, mask, scores, t, scores.amax(dim=-1, keepdim=True))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, mask, t, row_max, total, argmax = ctx.saved_tensors
-        exp, lifted = _exp_and_lifted(_scores(x, mask, t.dtype), row_max, t)  # (..., N)
-        alive_exp = torch.where(lifted > 0, exp, 0.0)  # c e
-        weighted_exp = lifted.relu_().mul_(exp)  # w e = a
-        g = grad.to(t.dtype)
-        centred = (g - (g * weighted_exp).sum(dim=-1, keepdim=True) / total).div_(total)  # (g - <g, p>) / S
-        through_max = (alive_exp * centred).sum(dim=-1, keepdim=True)  # (..., 1) sum_i c_i e_i (g_i - <g,p>) / S
-        grad_x = (alive_exp + weighted_exp).mul_(centred)  # b_j (g_j - <g, p>) / S
-        # The threshold m - t moves with the maximum, so the max's share goes to the argmax.
-        return grad_x.scatter_add_(-1, argmax, through_max.neg()).to(x.dtype), None, None
+        return _vjp(ctx, grad), None, None
+
+
+class _RateRSoftmax(torch.autograd.Function):
+    """:class:`RSoftmax` with the margin found inside the forward from the rate: ``apply(x, r, mask, eps)``.
+
+    This is what :func:`r_softmax` runs, so that the quantile and the weights share one masked float32 copy of the
+    scores and the sort also yields the row maximum. Same forward values and VJP as :class:`RSoftmax` with
+    ``t = r_softmax_margin(x, r, mask=mask, eps=eps)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, r: torch.Tensor, mask: torch.Tensor | None, eps: float
+    ) -> torch.Tensor:
+        scores = _scores(x, mask, r.dtype)  # (..., N)
+        ordered = _sort_rows(scores)  # (..., N) masked (-inf) first, ascending, NaN last
+        t, row_max = _margin_and_max(ordered, r, eps)  # (..., 1)
+        return _weighted(ctx, x, mask, scores, t, row_max, spare=ordered)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _vjp(ctx, grad), None, None, None
 
 
 def _prepare(
@@ -223,7 +299,7 @@ def r_softmax_margin(
 
     Returns:
         ``t`` shaped like ``x`` with size 1 along ``dim``, in float32 (float64 for float64 ``x``). Rows with no
-        valid position get ``eps``.
+        valid position get ``eps``; rows with a NaN at a valid position get NaN.
 
     Examples::
         >>> r_softmax_margin(torch.tensor([3.0, 2.0, 1.0, 1.0]), 0.5)  # m = 3, q_0.5 = 1.5
@@ -231,8 +307,8 @@ def r_softmax_margin(
     """
     _check_inputs(x, r, dim, mask, eps)
     rows, rate, rows_mask = _prepare(x, r, dim, mask)
-    rows = rows.to(_compute_dtype(x.dtype))
-    return _margin_last_dim(rows, rate, _valid_positions(rows, rows_mask), eps).movedim(-1, dim)
+    margin, _ = _margin_and_max(_sort_rows(_scores(rows.detach(), rows_mask, rate.dtype)), rate, eps)  # (..., 1)
+    return margin.movedim(-1, dim)
 
 
 def r_softmax(
@@ -245,14 +321,15 @@ def r_softmax(
     ``q_r - eps`` get exactly 0. For distinct values that is ``floor(r (k - 1))`` or ``ceil(r (k - 1))`` of them
     (in float32 ``eps`` can round away at the quantile itself: at most ``floor(r (k - 1)) + 1``); the maximum
     always survives. ``r`` counts *valid* positions only: masked ones (``mask`` False, or ``x == -inf``) get
-    exactly 0 and do not enter the quantile; a row with no valid position gives zeros, never NaN. ``r = 1``
+    exactly 0 and do not enter the quantile; a row with no valid position gives zeros, never NaN, and a NaN at a
+    valid position makes the whole row NaN, as in ``torch.softmax`` (masked NaN are ignored). ``r = 1``
     gives a one-hot on the argmax (ties share); ``r = 0`` is *not* softmax, so use ``torch.softmax`` where no
     sparsity is wanted. Computed in float32 (float64 stays float64), returned in ``x.dtype``. The margin
     ``m - q_r + eps`` is detached (``r`` gets no gradient); see :class:`RSoftmax` for the gradient.
 
     Args:
         x: scores ``[..., N, ...]``, e.g. attention scores ``[B, H, T, S]`` with ``dim=-1``; finite at valid
-            positions.
+            positions (a NaN there gives a NaN row).
         r: rate in ``[0, 1]``: a number, or a tensor broadcastable to ``x`` with size 1 along ``dim``, e.g.
             ``[1, H, 1, 1]`` (one rate per head of ``[B, H, T, S]`` scores) or ``[B, H, T, 1]`` (one per row).
         dim: the dimension to normalise over.
@@ -274,9 +351,7 @@ def r_softmax(
     """
     _check_inputs(x, r, dim, mask, eps)
     rows, rate, rows_mask = _prepare(x, r, dim, mask)
-    compute = rows.detach().to(_compute_dtype(x.dtype))
-    t = _margin_last_dim(compute, rate, _valid_positions(compute, rows_mask), eps)  # (..., 1)
-    return RSoftmax.apply(rows, t, rows_mask).movedim(-1, dim)
+    return _RateRSoftmax.apply(rows, rate, rows_mask, eps).movedim(-1, dim)
 
 
 def _r_softmax_autograd(

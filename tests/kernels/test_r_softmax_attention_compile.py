@@ -33,23 +33,27 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from hf_sparse_attn.kernels import r_softmax_attention_triton as kernels
+    from hf_sparse_attn.kernels import r_softmax_threshold_triton as threshold
 
     for dtype, head_dim, block_n in {configs}:
         pointers = {{name: "*" + dtype for name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}}
-        pointers.update(PAD="*i1", RATE="*fp32", STAT_ARG="*i32")
+        pointers.update(PAD="*i1", RATE="*fp32", STAT_ARG="*i32", PASSES="*i32", GUESS="*fp32")
         pointers.update({{name: "*fp32" for name in ("STAT_M", "STAT_T", "STAT_Z", "STAT_DELTA", "STAT_RHO")}})
         constants = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=block_n, CAUSAL=True, HAS_PAD=True, UPCAST=False,
                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-        kernels_and_extras = ((kernels._fwd_kernel, dict(VALUE_ITERS=32, MAX_ITERS=72)),
-                              (kernels._bwd_dq_kernel, {{}}), (kernels._bwd_dkdv_kernel, {{}}))
+        search = dict(NUM_BUCKETS=threshold.NUM_BUCKETS, ZOOM=threshold.ZOOM, MAX_PASSES=threshold.MAX_PASSES)
+        kernels_and_extras = ((threshold._threshold_kernel, search), (kernels._output_kernel, dict(DROPOUT=True)),
+                              (kernels._bwd_dq_kernel, dict(DROPOUT=True)),
+                              (kernels._bwd_dkdv_kernel, dict(DROPOUT=True)))
         for fn, extra in kernels_and_extras:
-            constexprs = dict(constants, **extra)
-            scalars = {{"scale": "fp32", "eps": "fp32"}}
+            constexprs = {{name: value for name, value in dict(constants, **extra).items() if name in fn.arg_names}}
+            scalars = {{"scale": "fp32", "eps": "fp32", "p_drop": "fp32", "seed": "i64"}}
             signature = {{name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
                           for name in fn.arg_names}}
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-            print(dtype, head_dim, fn.__name__, compiled.metadata.shared)
+            n_regs = getattr(compiled, "n_regs", None) or compiled.metadata.__dict__.get("n_regs", -1)
+            print(dtype, head_dim, fn.__name__, compiled.metadata.shared, n_regs)
     """
 )
 
@@ -59,7 +63,8 @@ def test_kernels_compile_for_h100() -> None:
     script = SCRIPT.format(configs=CONFIGS)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)  # the shared memory (bytes) and registers per thread of each kernel, for the docs
     shared = {tuple(line.split()[:3]): int(line.split()[3]) for line in result.stdout.strip().splitlines()}
-    kernels = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+    kernels = ("_threshold_kernel", "_output_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
     assert set(shared) == {(dtype, str(dim), name) for dtype, dim, _ in CONFIGS for name in kernels}
     assert all(0 < size <= H100_SHARED_MEMORY for size in shared.values()), shared

@@ -158,3 +158,51 @@ def test_package_imports_and_runs_without_triton(monkeypatch: pytest.MonkeyPatch
 def test_docstring_examples() -> None:
     result = doctest.testmod(dispatch, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_bias_is_added_to_the_scaled_scores() -> None:
+    """``bias`` is an additive mask/bias, as eager attention adds it; masked keys ignore whatever it holds there."""
+    q, k, v = qkv()
+    valid = padding_causal_mask(2, 5, 7)
+    bias = -torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(1)) * 3
+    bias = bias.masked_fill(~valid, float("nan"))  # ignored: those keys are masked
+    out, weights = r_softmax_attention(q, k, v, valid, 0.5, scaling=0.3, bias=bias)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.3 + bias.double().masked_fill(~valid, 0.0)
+    probs = r_softmax(scores, 0.5, mask=valid)
+    torch.testing.assert_close(weights, probs.float())  # fp32 computation: fp32 default tolerances
+    torch.testing.assert_close(out, (probs @ v.double()).transpose(1, 2).float())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"valid": torch.ones(5, 7)}, TypeError, "valid must be None or a bool tensor; got dtype torch.float32"),
+        ({"valid": torch.ones(4, 7, dtype=torch.bool)}, ValueError, r"valid of shape \(4, 7\) does not broadcast"),
+        ({"bias": torch.zeros(5, 7, dtype=torch.long)}, TypeError, "bias must be None or a floating-point tensor"),
+        ({"bias": torch.zeros(5, 7, dtype=torch.bool)}, TypeError, "bias must be None or a floating-point tensor"),
+        ({"bias": torch.zeros(3, 1, 5, 7)}, ValueError, r"bias of shape \(3, 1, 5, 7\) does not broadcast"),
+    ],
+    ids=["valid-float", "valid-shape", "bias-int", "bias-bool", "bias-shape"],
+)
+def test_bad_masks_raise(kwargs: dict, error: type[Exception], match: str) -> None:
+    q, k, v = qkv()
+    with pytest.raises(error, match=match):
+        r_softmax_attention(q, k, v, rate=0.5, **kwargs)
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("bias_at_valid", "kernel"), [(0.0, True), (-1.0, False), (float("nan"), False)], ids=["zero", "bias", "nan"]
+)
+def test_kernel_takes_an_additive_mask_only_without_biases(
+    monkeypatch: pytest.MonkeyPatch, bias_at_valid: float, kernel: bool
+) -> None:
+    """An additive mask that is 0 at every valid key is a plain mask (kernel); a bias or a NaN needs the reference,
+    which neither drops the bias nor hides the NaN."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the static checks accept CPU tensors
+    q, k, v = qkv()
+    valid = padding_causal_mask(2, 5, 7)
+    bias = torch.full(valid.shape, bias_at_valid).masked_fill(~valid, torch.finfo(torch.float32).min)
+    plan, reason = dispatch._kernel_plan(q, k, v, valid, 0.5, 0.0, False, False, "triton", bias)
+    assert (plan is not None) == kernel
+    assert kernel or "biases" in reason

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
-from hf_sparse_attn.ops.r_softmax import RSoftmax, _r_softmax_autograd, r_softmax, r_softmax_margin
+from hf_sparse_attn.ops.r_softmax import RSoftmax, _r_softmax_autograd, _sort_rows, r_softmax, r_softmax_margin
 
 EPS = 1e-8
 DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -95,6 +95,61 @@ def test_zeros_are_exactly_the_entries_at_or_below_the_threshold():
     out = r_softmax(x, 0.3)
     threshold = torch.quantile(x, 0.3, dim=-1, keepdim=True) - EPS
     assert torch.equal(out == 0, x <= threshold)
+
+
+def test_margin_is_bit_for_bit_torch_quantile_on_padded_attention_scores():
+    """Exact, not merely close: the thresholds equal ``max - torch.quantile + eps`` of the sliced valid scores bit
+    for bit, on [B, H, T, S] scores with the key padding of a batch of sentences (kernels are held to the same
+    thresholds)."""
+    generator = torch.Generator().manual_seed(11)
+    x = 3 * torch.randn(2, 3, 8, 40, generator=generator)  # B, H, T, S
+    mask = torch.ones(2, 1, 8, 40, dtype=torch.bool)
+    mask[1, ..., 29:] = False  # the second sequence has 29 tokens
+    rates = torch.rand(1, 3, 1, 1, generator=generator)
+    margin = r_softmax_margin(x, rates, mask=mask)
+    for b, h, t in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(8)).tolist():
+        row = x[b, h, t][mask[b, 0, t]]
+        expected = row.max() - torch.quantile(row, rates[0, h, 0, 0]) + EPS
+        assert margin[b, h, t, 0] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 128, 1000])
+def test_row_sort_equals_torch_sort(n, dtype):
+    """The quantile's sort (numpy's vectorised sort on CPU) against torch.sort: ties, infinities, NaN, signed zeros,
+    row lengths around the SIMD widths."""
+    generator = torch.Generator().manual_seed(10)
+    x = (4 * torch.randn(33, n, generator=generator)).round().to(dtype)  # many ties
+    special = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 0.0], dtype=dtype)
+    chosen = special[torch.randint(0, 5, x.shape, generator=generator)]
+    x = torch.where(torch.rand(x.shape, generator=generator) < 0.2, chosen, x)
+    torch.testing.assert_close(_sort_rows(x), x.sort(dim=-1).values, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(_sort_rows(x.T), x.T.sort(dim=-1).values, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN scores (issue 10, item 11): a NaN at a valid position makes its whole row NaN, as torch.softmax does.
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+def test_nan_at_a_valid_position_gives_a_nan_row_like_softmax(dtype, tol):
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 10, generator=generator).to(dtype)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[:, 7:] = False
+    x[1, 3] = math.nan  # valid: row 1 becomes NaN
+    x[2, 8] = math.nan  # masked: ignored, as any content of a masked position
+    grad = torch.randn(4, 10, generator=generator).to(dtype)
+    out, expected, grad_x, expected_grad = _both_gradients(x, 0.5, mask, grad)
+    assert torch.softmax(x[1], dim=-1).isnan().all()  # the convention followed
+    assert out[1].isnan().all() and expected[1].isnan().all()
+    assert RSoftmax.apply(x, r_softmax_margin(x, 0.5, mask=mask), mask)[1].isnan().all()
+    assert r_softmax_margin(x, 0.5, mask=mask)[1].isnan().all()
+    assert grad_x[1, :7].isnan().all() and expected_grad[1, :7].isnan().all()
+    others = [0, 2, 3]
+    assert not out[others].isnan().any() and not grad_x[others].isnan().any()
+    torch.testing.assert_close(out[others], expected[others], rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_x[others], expected_grad[others], rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,6 +448,36 @@ def test_long_rows_sum_to_one_with_the_requested_sparsity(shape):
     position = 0.9 * (shape[-1] - 1)
     assert torch.all((zeros >= math.floor(position)) & (zeros <= math.ceil(position) + 1))
     assert torch.isfinite(x.grad).all()
+
+
+def full_size_allocations(fn, nbytes: int) -> list[str]:
+    """Operators that allocated at least ``nbytes`` (net) while ``fn`` ran."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name != "[memory]" and e.self_cpu_memory_usage >= nbytes]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_input_is_untouched_and_full_size_temporaries_are_few(masked):
+    """On CPU the op is bound by memory traffic, and each fresh buffer costs page faults, so the buffer count is part
+    of the design: the forward allocates the masked scores and the sorted copy, which then receives ``p``; the
+    backward three buffers, the first of which becomes ``dx``. The work in place must never touch the input."""
+    generator = torch.Generator().manual_seed(12)
+    shape = (64, 512)
+    x = torch.randn(shape, generator=generator, requires_grad=True)
+    mask = torch.rand(shape, generator=generator) < 0.9 if masked else None
+    grad = torch.randn(shape, generator=generator)
+    before = x.detach().clone()
+    out = {}
+
+    def forward() -> None:
+        out["p"] = r_softmax(x, 0.5, mask=mask)
+
+    nbytes = x.numel() * x.element_size()
+    assert len(full_size_allocations(forward, nbytes)) == 2
+    assert len(full_size_allocations(lambda: out["p"].backward(grad), nbytes)) == 3
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(out["p"], _r_softmax_autograd(before, 0.5, mask))
 
 
 def test_memory_is_linear_in_the_row_length():

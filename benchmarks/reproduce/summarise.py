@@ -1,0 +1,241 @@
+"""Render the reproduction tables and plots from the run JSON files only, into ``docs/results.md`` and ``docs/images/``.
+
+Each table replaces the text between its two markers in the document (``<!-- reproduce:glue -->`` …
+``<!-- /reproduce:glue -->``, likewise ``lm_heads`` and ``finetune``), so the prose around them stays; rerunning with
+no new results changes nothing. Settings without any finished run are left out; the ``seeds`` column says how many
+runs each cell averages. Mean ± sample standard deviation over seeds (a single seed: the value alone).
+
+    python -m benchmarks.reproduce.summarise
+    python -m benchmarks.reproduce.summarise --results-dir benchmarks/results/reproduce --doc docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.reproduce import glue, lm_heads
+from benchmarks.reproduce.runner import REPO, RESULTS_DIR
+
+GLUE_PLOT = "reproduce_glue_metric_vs_r.png"
+LM_PLOT = "reproduce_lm_curves.png"
+Record = dict[str, Any]
+
+
+def load(results_dir: Path, table: str) -> dict[str, list[Record]]:
+    """The finished runs of ``table``, by setting (seeds in order)."""
+    groups: dict[str, list[Record]] = {}
+    for path in sorted((results_dir / table).glob("*.json")):
+        record = json.loads(path.read_text())
+        groups.setdefault(record["setting"], []).append(record)
+    for runs in groups.values():
+        runs.sort(key=lambda run: run["seed"])
+    return groups
+
+
+def mean_sd(values: Sequence[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def seconds_per_step(runs: Iterable[Record]) -> float:
+    """Mean training wall time per optimizer step (the Trainer's ``train_runtime``)."""
+    return statistics.mean(run["train"]["train_runtime"] / run["steps"] for run in runs)
+
+
+def final_sparsity(run: Record) -> float | None:
+    """The last ``sparsity/mean`` the run logged (None for softmax, which logs none)."""
+    values = [entry["sparsity/mean"] for entry in run["log_history"] if "sparsity/mean" in entry]
+    return values[-1] if values else None
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return "—" if reference is None else f"{value / reference:.2f}×"
+
+
+def glue_table(groups: dict[str, list[Record]]) -> str:
+    rows = []
+    for task in glue.TASKS:
+        softmax = groups.get(f"{task}/softmax")
+        reference = seconds_per_step(softmax) if softmax else None
+        for name, _, _ in glue.SETTINGS:
+            runs = groups.get(f"{task}/{name}")
+            if not runs:
+                continue
+            metric = glue.METRIC[task]
+            sparsity = [s for s in map(final_sparsity, runs) if s is not None]
+            rows.append(
+                [
+                    task,
+                    name,
+                    metric.removeprefix("eval_"),
+                    mean_sd([r["metrics"]["eval"][metric] for r in runs], 4),
+                    f"{statistics.mean(sparsity):.3f}" if sparsity else "0 (softmax)",
+                    ratio(seconds_per_step(runs), reference),
+                    str(len(runs)),
+                ]
+            )
+    header = [
+        "task",
+        "attention",
+        "metric (dev)",
+        "mean ± sd",
+        "measured sparsity",
+        "train time / step vs softmax",
+        "seeds",
+    ]
+    return table(header, rows) if rows else "_No finished run yet._"
+
+
+def lm_rows(groups: dict[str, list[Record]], prefix: str) -> list[list[str]]:
+    softmax = groups.get(f"{prefix}/softmax")
+    reference = seconds_per_step(softmax) if softmax else None
+    base_params = softmax[0]["parameters"] if softmax else None
+    rows = []
+    for head in lm_heads.HEADS:
+        runs = groups.get(f"{prefix}/{head}")
+        if not runs:
+            continue
+        added = "—" if base_params is None else f"{runs[0]['parameters'] - base_params:+,}"
+        rows.append(
+            [
+                prefix,
+                head,
+                mean_sd([r["metrics"]["eval"]["eval_perplexity"] for r in runs], 2),
+                mean_sd([r["metrics"]["test"]["eval_perplexity"] for r in runs], 2),
+                added,
+                ratio(seconds_per_step(runs), reference),
+                str(len(runs)),
+            ]
+        )
+    return rows
+
+
+def lm_table(groups: dict[str, list[Record]]) -> str:
+    rows = [row for corpus in lm_heads.CORPORA for row in lm_rows(groups, corpus)]
+    header = ["corpus", "head", "valid ppl", "test ppl", "parameters vs softmax", "time / step vs softmax", "seeds"]
+    return table(header, rows) if rows else "_No finished run yet._"
+
+
+def finetune_table(groups: dict[str, list[Record]]) -> str:
+    rows = lm_rows(groups, "ptb-finetune")
+    header = ["start", "head", "valid ppl", "test ppl", "parameters vs softmax", "time / step vs softmax", "seeds"]
+    return table(header, rows) if rows else "_No finished run yet._"
+
+
+def figure(columns: int, rows: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, columns, squeeze=False)[0]
+
+
+def plot_glue(groups: dict[str, list[Record]], path: Path) -> bool:
+    """The GLUE metric against r per task (mean and sd over seeds; softmax as a horizontal band)."""
+    tasks = [t for t in glue.TASKS if any(s.startswith(f"{t}/") for s in groups)]
+    if not tasks:
+        return False
+    fig, axes = figure(len(tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        metric = glue.METRIC[task]
+        values = {
+            name: [r["metrics"]["eval"][metric] for r in groups.get(f"{task}/{name}", [])]
+            for name, _, _ in glue.SETTINGS
+        }
+        points = [(rate, values[name]) for name, rate, _ in glue.SETTINGS if rate is not None and values[name]]
+        if points:
+            ax.errorbar(
+                [rate for rate, _ in points],
+                [statistics.mean(v) for _, v in points],
+                yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points],
+                marker="o",
+                capsize=3,
+                label="r-softmax",
+            )
+        if values["softmax"]:
+            mean = statistics.mean(values["softmax"])
+            sd = statistics.stdev(values["softmax"]) if len(values["softmax"]) > 1 else 0.0
+            ax.axhline(mean, color="gray", linestyle="--", label="softmax")
+            ax.axhspan(mean - sd, mean + sd, color="gray", alpha=0.2)
+        ax.set(title=task, xlabel="r (target sparsity)", ylabel=metric.removeprefix("eval_"), xlim=(0, 1))
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_lm(groups: dict[str, list[Record]], path: Path) -> bool:
+    """Validation perplexity against step, first seed of each head, one panel per corpus / the fine-tuning row."""
+    prefixes = [p for p in (*lm_heads.CORPORA, "ptb-finetune") if any(s.startswith(f"{p}/") for s in groups)]
+    if not prefixes:
+        return False
+    fig, axes = figure(len(prefixes))
+    for ax, prefix in zip(axes, prefixes, strict=True):
+        for head in lm_heads.HEADS:
+            runs = groups.get(f"{prefix}/{head}")
+            if not runs:
+                continue
+            curve = [(e["step"], e["eval_perplexity"]) for e in runs[0]["log_history"] if "eval_perplexity" in e]
+            ax.plot([s for s, _ in curve], [p for _, p in curve], marker=".", label=head)
+        ax.set(title=prefix, xlabel="optimizer step", ylabel="validation perplexity", yscale="log")
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def replace_between(text: str, key: str, body: str, doc: Path) -> str:
+    start, end = f"<!-- reproduce:{key} -->", f"<!-- /reproduce:{key} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{doc}: needs exactly one {start} followed by one {end} (where the {key} table goes)")
+    before, rest = text.split(start)
+    return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def image_link(path: Path, doc: Path, alt: str) -> str:
+    return f"![{alt}]({Path(os.path.relpath(path, doc.parent)).as_posix()})"
+
+
+def summarise(results_dir: Path, doc: Path, images_dir: Path) -> str:
+    """Render every table (and its plot when there is data) into ``doc``; returns the new text."""
+    glue_runs, lm_runs = load(results_dir, glue.TABLE), load(results_dir, lm_heads.TABLE)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    plots = {"glue": (plot_glue, glue_runs, GLUE_PLOT), "lm_heads": (plot_lm, lm_runs, LM_PLOT)}
+    bodies = {"glue": glue_table(glue_runs), "lm_heads": lm_table(lm_runs), "finetune": finetune_table(lm_runs)}
+    text = doc.read_text()
+    for key, body in bodies.items():
+        if key in plots:
+            plot, runs, image = plots[key]
+            if plot(runs, images_dir / image):
+                body += "\n\n" + image_link(images_dir / image, doc, f"{key} results")
+        text = replace_between(text, key, body, doc)
+    doc.write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="the drivers' JSON files")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="the document to update")
+    parser.add_argument("--images-dir", type=Path, default=REPO / "docs" / "images", help="where the PNGs go")
+    args = parser.parse_args(argv)
+    summarise(args.results_dir, args.doc, args.images_dir)
+    print(f"updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
