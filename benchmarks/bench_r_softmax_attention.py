@@ -2,9 +2,16 @@
 
 Providers (STYLE §6): ``sdpa`` (``F.scaled_dot_product_attention``, the baseline), ``eager_softmax`` (matmul,
 masked softmax, matmul), ``reference`` (the dispatcher's reference path: ``hf_sparse_attn.ops.r_softmax`` on the
-materialised scores), ``triton`` (our flash-style kernel, ``RSoftmaxAttentionFunction``), ``entmax`` (eager
-entmax-1.5 from the ``entmax`` package) and ``adasplash`` (AdaSplash's Triton entmax-1.5, if installed).
-Masks: ``causal`` and ``padded`` (non-causal, batch row b keeps a deterministic length in [N/2, N]).
+materialised scores), ``triton`` (our flash-style kernel, ``RSoftmaxAttentionFunction``, called directly),
+``dispatch`` (``hf_sparse_attn.kernels.r_softmax_attention`` with the ``[B, 1, T, S]`` bool mask transformers
+builds, as the patched models call it: the kernel on CUDA, dispatcher costs included), ``entmax`` (eager
+entmax-1.5 from the ``entmax`` package) and ``adasplash`` (AdaSplash's Triton entmax-1.5, if installed; its version
+and path go into the JSON header). Masks: ``none`` (SDPA keeps its flash backend), ``padded`` (non-causal, batch
+row b keeps a deterministic length in [N/2, N]) and ``causal``. Modes: ``infer`` (forward under ``no_grad``),
+``fwd``, ``bwd``, ``fwdbwd``. Rates: 0.25, 0.5, 0.9.
+
+The JSON header holds a goal table (issue 13: forward+backward within 2x SDPA, inference forward within 1.5x,
+peak memory within 1.2x SDPA's, faster than AdaSplash), one line per case, also printed.
 
 Run on a GPU (writes ``benchmarks/results/r_softmax_attention-<device>-<date>.json`` and prints a table)::
 
@@ -19,7 +26,9 @@ Smoke run on CPU (tiny shapes, no Triton needed)::
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,23 +51,27 @@ from benchmarks.common import (
 from hf_sparse_attn.kernels import r_softmax_attention
 
 OP = "r_softmax_attention"
-PROVIDERS = ("sdpa", "eager_softmax", "reference", "triton", "entmax", "adasplash")
+PROVIDERS = ("sdpa", "eager_softmax", "reference", "triton", "dispatch", "entmax", "adasplash")
 BASELINE = "sdpa"
-MASKS = ("causal", "padded")
+MASKS = ("none", "padded", "causal")
+RATES = (0.25, 0.5, 0.9)
+#: issue 13 goals for the kernel against SDPA: (mode, what, bound)
+GOALS = (("fwdbwd", "time", 2.0), ("infer", "time", 1.5), ("fwdbwd", "memory", 1.2))
 
 
 @dataclass
 class Inputs:
     """One case's tensors, shared by every provider: q, k, v ``[B, H, N, D]`` (requiring grad), the key lengths
-    ``[B]``, the key padding ``[B, N]`` (None when causal) and the bool mask ``[B, 1, 1 or N, N]`` for masked
-    providers."""
+    ``[B]``, the key padding ``[B, N]`` (None unless padded), the bool mask ``[B, 1, 1 or N, N]`` (None for
+    ``none``) and the ``[B, 1, N, N]`` mask transformers would pass to the dispatcher."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     lengths: torch.Tensor
     key_padding: torch.Tensor | None
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    model_mask: torch.Tensor | None
     causal: bool
     rate: float
 
@@ -71,21 +84,23 @@ def setup(shape: dict[str, Any], dtype: torch.dtype, device: torch.device, rate:
         for _ in range(3)
     )
     causal = shape["mask"] == "causal"
+    lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
+    key_padding = mask = model_mask = None
     if causal:
-        lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
         rows = torch.arange(length, device=device)
         mask = (rows[None, :] <= rows[:, None])[None, None]  # (1, 1, N, N)
-        key_padding = None
-    else:  # lengths spread evenly over [N/2, N]
+        model_mask = mask.expand(batch, 1, length, length)
+    elif shape["mask"] == "padded":  # lengths spread evenly over [N/2, N]
         lengths = torch.linspace(length // 2, length, batch, device=device).round().to(torch.int32)
         key_padding = torch.arange(length, device=device)[None, :] < lengths[:, None]  # (B, N)
         mask = key_padding[:, None, None, :]  # (B, 1, 1, N)
-    return Inputs(q, k, v, lengths, key_padding, mask, causal, rate)
+        model_mask = mask.expand(batch, 1, length, length)
+    return Inputs(q, k, v, lengths, key_padding, mask, model_mask, causal, rate)
 
 
 def _eager_scores(inputs: Inputs) -> torch.Tensor:
     scores = inputs.q @ inputs.k.transpose(-1, -2) * inputs.q.shape[-1] ** -0.5  # (B, H, N, N)
-    return scores.masked_fill(~inputs.mask, float("-inf"))
+    return scores if inputs.mask is None else scores.masked_fill(~inputs.mask, float("-inf"))
 
 
 def _entmax(inputs: Inputs) -> torch.Tensor:
@@ -97,7 +112,7 @@ def _entmax(inputs: Inputs) -> torch.Tensor:
 def _adasplash(inputs: Inputs) -> torch.Tensor:
     from adasplash import adasplash
 
-    varlen = None if inputs.causal else inputs.lengths
+    varlen = inputs.lengths if inputs.key_padding is not None else None
     return adasplash(inputs.q, inputs.k, inputs.v, alpha=1.5, is_causal=inputs.causal, varlen=varlen)
 
 
@@ -119,6 +134,7 @@ FORWARDS: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "eager_softmax": lambda x: torch.softmax(_eager_scores(x), dim=-1) @ x.v,
     "reference": lambda x: r_softmax_attention(x.q, x.k, x.v, x.mask, x.rate, backend="reference")[0],
     "triton": _triton,
+    "dispatch": lambda x: r_softmax_attention(x.q, x.k, x.v, x.model_mask, x.rate)[0],
     "entmax": _entmax,
     "adasplash": _adasplash,
 }
@@ -135,32 +151,73 @@ def unavailable(provider: str, device: torch.device) -> str | None:
 
 
 def check_agreement(inputs: Inputs, providers: list[str]) -> None:
-    """Our kernel must match the reference before it is timed (fp32 accumulation; bf16/fp16 tolerance)."""
+    """Our kernel must match the reference, output and q/k/v gradients, before it is timed (fp32 accumulation;
+    bf16/fp16 tolerance relative to each tensor's largest entry)."""
     if not {"triton", "reference"} <= set(providers):
         return
-    with torch.no_grad():
-        try:
-            expected = FORWARDS["reference"](inputs).float()
-        except torch.OutOfMemoryError:
-            return
-        actual = FORWARDS["triton"](inputs).float()
+    leaves = [inputs.q, inputs.k, inputs.v]
+    try:
+        expected = FORWARDS["reference"](inputs)
+        grad = torch.randn_like(expected)
+        expected_all = [expected, *torch.autograd.grad(expected, leaves, grad)]
+    except torch.OutOfMemoryError:
+        return
+    actual = FORWARDS["triton"](inputs)
+    actual_all = [actual, *torch.autograd.grad(actual, leaves, grad)]
     tolerance = 1e-4 if inputs.q.dtype == torch.float32 else 5e-2
-    error = (actual - expected).abs().max().item()
-    if not error <= tolerance * max(1.0, expected.abs().max().item()):
-        raise AssertionError(f"triton differs from reference by {error:.3e} at {tuple(inputs.q.shape)}")
+    for name, got, wanted in zip(("output", "dq", "dk", "dv"), actual_all, expected_all, strict=True):
+        error = (got.float() - wanted.float()).abs().max().item()
+        if not error <= tolerance * max(1.0, wanted.float().abs().max().item()):
+            raise AssertionError(f"triton {name} differs from reference by {error:.3e} at {tuple(inputs.q.shape)}")
+
+
+def goal_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (goal, case): the kernel's time or peak memory over SDPA's (or AdaSplash's time over ours)."""
+    by_key = {(r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"]): r for r in records}
+    lines = []
+    for (provider, mode, shape, dtype), record in by_key.items():
+        if provider != "triton" or record["median_ms"] is None:
+            continue
+        sdpa = by_key.get(("sdpa", mode, shape, dtype))
+        for goal_mode, what, bound in GOALS:
+            key = "median_ms" if what == "time" else "peak_mem_mb"
+            if goal_mode != mode or sdpa is None or not sdpa[key] or record[key] is None:
+                continue
+            ratio = record[key] / sdpa[key]
+            goal = f"{what} vs sdpa ({mode}) <= {bound:g}x"
+            lines.append({"goal": goal, "shape": json.loads(shape), "dtype": dtype, "ratio": round(ratio, 3),
+                          "met": ratio <= bound})  # fmt: skip
+        adasplash = by_key.get(("adasplash", mode, shape, dtype))
+        if mode == "fwdbwd" and adasplash is not None and adasplash["median_ms"]:
+            ratio = record["median_ms"] / adasplash["median_ms"]
+            lines.append({"goal": "time vs adasplash (fwdbwd) < 1x", "shape": json.loads(shape), "dtype": dtype,
+                          "ratio": round(ratio, 3), "met": ratio < 1.0})  # fmt: skip
+    return lines
+
+
+def adasplash_info() -> dict[str, str] | None:
+    """AdaSplash's version and install path, or None when it is not installed."""
+    spec = importlib.util.find_spec("adasplash")
+    if spec is None:
+        return None
+    try:
+        version = importlib.metadata.version("adasplash")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "path": str(Path(spec.origin).parent)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["infer", "fwdbwd"], choices=MODES)
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
     parser.add_argument("--lengths", nargs="+", type=int, help="sequence lengths N (default 512 ... 8192)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--rate", type=float, default=0.5, help="r-softmax sparsity rate")
+    parser.add_argument("--rates", nargs="+", type=float, default=list(RATES), help="r-softmax sparsity rates")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny shapes (B=2, H=2, D=16; N=32, 64) for smoke runs")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (CUDA uses do_bench)")
@@ -178,14 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     providers = available_providers(args.providers, BASELINE, unavailable, device)
     cases = [
-        ({"B": args.batch, "H": args.heads, "N": n, "D": args.head_dim, "mask": mask}, dtype)
+        ({"B": args.batch, "H": args.heads, "N": n, "D": args.head_dim, "mask": mask, "r": rate}, dtype)
         for mask in args.masks
         for n in args.lengths
+        for rate in args.rates
         for dtype in args.dtypes
     ]
 
     def setup_case(shape: dict[str, Any], dtype: torch.dtype) -> Inputs:
-        inputs = setup(shape, dtype, device, args.rate)
+        inputs = setup(shape, dtype, device, shape["r"])
         check_agreement(inputs, providers)
         return inputs
 
@@ -197,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     records = run_grid(providers, cases, args.modes, setup_case, build, device, args.reps)
     add_speedups(records, BASELINE)
     header["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    header["adasplash"] = adasplash_info()
+    header["goals"] = goal_table(records)
     path = write_results(OP, header, records, args.out_dir)
     print(format_table(header, records))
+    for line in header["goals"]:
+        shape = "-".join(str(v) if isinstance(v, str) else f"{k}{v}" for k, v in line["shape"].items())
+        print(f"goal {line['goal']:<32} {shape:<36} {line['dtype']}: {line['ratio']:.2f} {'PASS' if line['met'] else 'FAIL'}")
     print(f"wrote {path}")
     return 0
 

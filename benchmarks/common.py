@@ -1,7 +1,8 @@
 """Shared benchmark machinery (STYLE §6): timing, peak memory, the JSON results file and the printed table.
 
 Every ``bench_<op>.py`` builds its inputs once per shape (outside the timed region), times each provider in the
-modes ``fwd`` (forward with autograd recording), ``bwd`` (backward of a recorded forward) and ``fwdbwd``, and
+modes ``fwd`` (forward with autograd recording), ``bwd`` (backward of a recorded forward), ``fwdbwd`` and
+``infer`` (forward under ``torch.no_grad``), and
 writes ``benchmarks/results/<op>-<device>-<date>.json``: a machine header (device, torch, triton, transformers,
 hf_sparse_attn, git_commit, timestamp) and one record per (provider, mode, shape, dtype) with ``median_ms``,
 ``p20_ms``, ``p80_ms``, ``peak_mem_mb``, ``baseline`` and ``speedup_vs_baseline`` (baseline median / median,
@@ -25,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd", "infer")  # infer: the forward under torch.no_grad()
 QUANTILES = (0.5, 0.2, 0.8)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,6 +67,8 @@ def timed_callable(forward: Callable[[], torch.Tensor], mode: str, grad: torch.T
     """What is timed in ``mode``; for ``bwd`` the forward runs here, once, outside the timed region."""
     if mode == "fwd":
         return forward
+    if mode == "infer":
+        return torch.no_grad()(forward)
     if mode == "fwdbwd":
         return lambda: forward().backward(grad)
     out = forward()
@@ -215,7 +218,7 @@ def run_grid(
             for mode in modes:
                 try:
                     forward, leaves = build(provider, inputs)
-                    grad = None if mode == "fwd" else torch.randn_like(forward())
+                    grad = None if mode in ("fwd", "infer") else torch.randn_like(forward())
                     times, peak = measure(timed_callable(forward, mode, grad), leaves, device, reps)
                 except (torch.OutOfMemoryError, RuntimeError) as error:
                     if not is_oom(error):

@@ -24,10 +24,17 @@ SDPA model computes. Layers with a rate read it as follows (:func:`mask_parts`):
   covers ``finfo.min``, which transformers' eager builder writes, and ``-inf``) mark masked keys: they get weight 0
   and do not count towards the rate. Larger values, e.g. ``-1e4`` or ``-1e9``, are biases: they shift the scores
   and the key still counts towards the rate (its weight is 0 unless the bias is small, as under softmax).
+
+The r-softmax layers never read the values of a mask transformers built (:func:`mask_structure`): our builder
+(:func:`sparse_attention_mask`) records on each mask it makes from the plain causal or bidirectional pattern and the
+2-D ``attention_mask`` what that mask is, key padding ``[B, S]`` plus an optional causal offset, and ``None`` +
+``is_causal`` is causality alone. The dispatcher then runs the kernel on CUDA without a host sync or a ``[B, T, S]``
+temporary; any other mask (a user's 4-D mask, packed sequences, extra mask functions) takes the reference path.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,9 +43,15 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
 
-from hf_sparse_attn import rates
+from hf_sparse_attn import architectures, rates
 from hf_sparse_attn.kernels import r_softmax_attention
 
 ATTENTION_NAME = "hf_sparse_attn"
@@ -50,6 +63,12 @@ RATE_ATTR = "hf_sparse_attn_rate"
 EPS_ATTR = "hf_sparse_attn_eps"
 #: attribute counting the active :func:`returning_weights` blocks (forces the reference path on CUDA)
 WEIGHTS_ATTR = "hf_sparse_attn_need_weights"
+#: attribute :func:`sparse_attention_mask` puts on the masks it builds: ``(key_padding [B, S] or None, causal offset
+#: or None)``, see :func:`mask_structure`
+LAYOUT_ATTR = "hf_sparse_attn_layout"
+#: a (key padding, causal offset) pair as the dispatcher takes it
+MaskStructure = tuple[torch.Tensor | None, int | None]
+_SDPA_MASK_SIGNATURE = inspect.signature(sdpa_mask)
 
 try:  # transformers collects ``output_attentions`` with forward hooks and does not always tell the function
     from transformers.utils.output_capturing import _active_collector
@@ -111,6 +130,71 @@ def mask_parts(
     return ~(attention_mask <= additive_mask_cutoff(attention_mask.dtype)), attention_mask
 
 
+def sparse_attention_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask`` (same arguments, same result), recording what the mask is where that is known.
+
+    When transformers builds the mask from its plain causal or bidirectional pattern and the 2-D ``attention_mask``
+    (``create_causal_mask`` / ``create_bidirectional_mask`` without extra mask functions or packed sequences), the
+    returned mask carries ``(key_padding [B, S] or None, causal_offset or None)`` under :data:`LAYOUT_ATTR`, with
+    ``mask[b, 0, i, j] = key_padding[b, j] and j <= i + causal_offset``. Building it reads no tensor values: the
+    padding is the 2-D mask transformers passed in (a view of it), the offset is ``q_offset - kv_offset``."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None:
+        layout = _layout(_SDPA_MASK_SIGNATURE.bind(*args, **kwargs).arguments)
+        if layout is not None:
+            setattr(mask, LAYOUT_ATTR, layout)
+    return mask
+
+
+def _layout(arguments: dict[str, Any]) -> MaskStructure | None:
+    """The structure of the mask ``sdpa_mask(**arguments)`` builds, or None when it is not padding + causality."""
+    pattern = arguments.get("mask_function", causal_mask_function)
+    q_length, kv_length = arguments["q_length"], arguments["kv_length"]
+    q_offset, kv_offset = arguments.get("q_offset", 0), arguments.get("kv_offset", 0)
+    if pattern not in (causal_mask_function, bidirectional_mask_function) or isinstance(kv_offset, torch.Tensor):
+        return None
+    key_padding = prepare_padding_mask(arguments.get("attention_mask"), kv_length, kv_offset)
+    if key_padding is not None:
+        if key_padding.dim() != 2 or key_padding.dtype != torch.bool:
+            return None
+        key_padding = key_padding[:, kv_offset : kv_offset + kv_length]  # (B, S): the keys sdpa_mask indexes
+    if pattern is bidirectional_mask_function:
+        return key_padding, None
+    if not isinstance(q_offset, torch.Tensor):
+        return key_padding, q_offset - kv_offset
+    if q_length != 1:  # a static cache's tensor offset with several queries: using it would need a sync
+        return None
+    # one query at a tensor position: causality is a key padding (keys up to the query's position), no sync
+    seen = torch.arange(kv_length, device=q_offset.device) + kv_offset <= q_offset  # (S,)
+    return (seen[None, :] if key_padding is None else key_padding & seen), None
+
+
+def mask_structure(
+    attention_mask: torch.Tensor | None,
+    module: nn.Module,
+    batch: int,
+    query_length: int,
+    key_length: int,
+    is_causal: bool | None = None,
+) -> MaskStructure | None:
+    """``(key_padding [B, S] or None, causal_offset or None)`` describing ``attention_mask`` without reading its
+    values, or None when the mask is not known to be key padding plus causality (then use :func:`mask_parts`).
+
+    ``None`` with causality (``is_causal``, else ``module.is_causal``) and more than one query is offset 0 (SDPA's
+    top-left alignment, as in :func:`mask_parts`); a mask from :func:`sparse_attention_mask` gives the structure it
+    recorded, when its shapes match this call."""
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return None, (0 if causal and query_length > 1 else None)
+    layout = getattr(attention_mask, LAYOUT_ATTR, None)
+    if layout is None or tuple(attention_mask.shape[-2:]) != (query_length, key_length):
+        return None
+    key_padding = layout[0]
+    if key_padding is not None and (key_padding.shape[0] not in (1, batch) or key_padding.shape[1] != key_length):
+        return None
+    return layout
+
+
 def masked_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Softmax in fp32 over valid keys; masked keys and fully masked rows give exactly 0. A NaN score at a valid
     key makes its row NaN, as in softmax."""
@@ -145,7 +229,9 @@ def sparse_attention_forward(
     arguments it received, so it computes bit for bit what the unpatched SDPA model computes. A layer with a rate
     computes ``r_softmax(scaling q kᵀ + bias, rate, mask=valid) v`` with ``(valid, bias) =``
     :func:`mask_parts` ``(attention_mask)``: the quantile runs over valid keys only, a query row with no valid key
-    gives zeros, and a NaN score at a valid key makes its row NaN (as softmax does).
+    gives zeros, and a NaN score at a valid key makes its row NaN (as softmax does). Where :func:`mask_structure`
+    knows the mask to be key padding plus causality, the dispatcher gets that structure instead of the mask (same
+    result; on CUDA the kernel, with no host sync).
 
     Args:
         module: the attention module; its rate is ``module.hf_sparse_attn_rate`` (None or absent = softmax).
@@ -173,13 +259,20 @@ def sparse_attention_forward(
         )
         if not need_weights:
             return output, None
-    valid, bias = mask_parts(
-        attention_mask, module, query.shape[-2], key.shape[-2], query.device, kwargs.get("is_causal")
+    t_len, s_len = query.shape[-2], key.shape[-2]
+    is_causal = kwargs.get("is_causal")
+    structure = (
+        None if rate is None else mask_structure(attention_mask, module, query.shape[0], t_len, s_len, is_causal)
     )
+    if structure is not None:  # padding + causality, known without reading the mask
+        (key_padding, causal_offset), valid, bias = structure, None, None
+    else:
+        key_padding = causal_offset = None
+        valid, bias = mask_parts(attention_mask, module, t_len, s_len, query.device, is_causal)
     if rate is not None:
         return r_softmax_attention(
-            query, key, value, valid, rate, scaling=scaling, eps=eps,
-            dropout=dropout, training=module.training, need_weights=need_weights, bias=bias,
+            query, key, value, valid, rate, scaling=scaling, eps=eps, dropout=dropout, training=module.training,
+            need_weights=need_weights, bias=bias, key_padding=key_padding, causal_offset=causal_offset,
         )  # fmt: skip
     scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, H, T, S)
     probs = masked_softmax(scores if bias is None else scores + bias, valid)
@@ -188,10 +281,13 @@ def sparse_attention_forward(
 
 @contextmanager
 def returning_weights(model: nn.Module) -> Iterator[None]:
-    """Within the block, every patched attention layer of ``model`` returns its probabilities, also to callers
-    that read them without ``output_attentions`` (e.g. a forward hook); on CUDA this takes the reference path.
-    ``output_attentions=True`` alone already returns them. Blocks nest."""
-    modules = [m for m in model.modules() if hasattr(m, RATE_ATTR)]
+    """Within the block, every self-attention layer of ``model`` returns its probabilities, also to callers that
+    read them without ``output_attentions`` (e.g. a forward hook); on CUDA this takes the reference path.
+    ``output_attentions=True`` alone already returns them. Covers models patched by ``patch_model`` and models
+    loaded with the registered implementation name alone (the layers come from the architecture table, a PEFT
+    wrapper is looked through). Blocks nest."""
+    get_base_model = getattr(model, "get_base_model", None)  # a PEFT model: its transformers model
+    modules = architectures.self_attention_modules(get_base_model() if callable(get_base_model) else model)
     for module in modules:  # a depth counter, so that nested blocks (e.g. measure_sparsity inside one) compose
         setattr(module, WEIGHTS_ATTR, getattr(module, WEIGHTS_ATTR, 0) + 1)
     try:
@@ -208,10 +304,11 @@ def returning_weights(model: nn.Module) -> Iterator[None]:
 def register() -> None:
     """Register the attention function and its mask builder under :data:`ATTENTION_NAME` (idempotent).
 
-    The mask builder is transformers' ``sdpa_mask`` itself, so softmax layers get exactly SDPA's masks."""
+    The mask builder is :func:`sparse_attention_mask`: transformers' ``sdpa_mask``, so softmax layers get exactly
+    SDPA's masks, plus the recorded structure that lets r-softmax layers skip reading them."""
     for name in (ATTENTION_NAME, ATTENTION_ALIAS):
         AttentionInterface.register(name, sparse_attention_forward)
-        AttentionMaskInterface.register(name, sdpa_mask)
+        AttentionMaskInterface.register(name, sparse_attention_mask)
 
 
 register()

@@ -7,8 +7,9 @@ module of the command being run is imported, and those modules import torch and 
 
 Options take one style everywhere and accept both spellings, as ``transformers.HfArgumentParser`` does:
 ``--output-dir`` and ``--output_dir`` are the same option. A command that fails on its input (a missing or
-malformed file, a model it cannot patch, a missing optional package) prints one line
-``hf-sparse-attn COMMAND: what went wrong`` to stderr and exits with status 2, without a traceback.
+malformed file, a model it cannot patch, a missing optional package: :data:`INPUT_ERRORS`, also when a library
+wraps them) prints one line ``hf-sparse-attn COMMAND: what went wrong`` to stderr and exits with status 2, without a
+traceback; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -70,10 +71,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, OSError, ModuleNotFoundError) as err:
-        # bad input: a missing / malformed file, a checkpoint that cannot be loaded or patched, a missing extra
-        print(f"hf-sparse-attn {args.command}: {err}", file=sys.stderr)
+    except Exception as err:
+        if not any(isinstance(e, INPUT_ERRORS) for e in _chain(err)):
+            raise  # a bug: keep the traceback
+        print(f"hf-sparse-attn {args.command}: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+#: errors that mean bad input (a missing / malformed file, a checkpoint that cannot be loaded or patched, a missing
+#: extra), also when a library wraps them (e.g. datasets' DatasetGenerationError around a UnicodeDecodeError)
+INPUT_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``raise ... from``; not those it was raised while handling,
+    so that a bug in an ``except`` block keeps its traceback)."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__
+    return chain
+
+
+def _one_line(err: BaseException) -> str:
+    """The messages of ``err``'s chain that add something, on one line."""
+    parts: list[str] = []
+    for e in _chain(err):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not any(first in part for part in parts):
+            parts.append(first if e is err else f"{type(e).__name__}: {first}")
+    return "; caused by ".join(parts)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,16 @@ def verify_folder(folder: str | os.PathLike, expected: dict[str, str] = SHA256) 
             )
 
 
+def verified_package_folder() -> str:
+    """The package's own folder of model files, after checking version and hashes; it lasts beyond this process,
+    for shell use (``MINILM=$(python -c "from hf_sparse_attn.packaged_model import verified_package_folder;
+    print(verified_package_folder())")``). The folder also holds files that are not checked (a training script,
+    caches): transformers does not read them, but prefer :func:`verified_minilm_path` in Python."""
+    folder = package_folder()
+    verify_folder(folder)
+    return str(folder)
+
+
 @functools.cache
 def verified_minilm_path() -> str:
     """A folder holding only the verified files of the packaged all-MiniLM-L6-v2 (links, valid for this process).

@@ -111,6 +111,27 @@ def test_env_reports_versions(capsys) -> None:
     assert "- GPUs: " in out
 
 
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> dict[str, str]:
+        raise TypeError("a bug, not bad input")
+
+    monkeypatch.setattr("hf_sparse_attn.env.collect_env", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["env"])
+
+
+def test_wrapped_input_error_gives_one_line_with_its_cause(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def wrapped() -> dict[str, str]:
+        try:
+            b"\xff".decode()
+        except UnicodeDecodeError as err:
+            raise RuntimeError("An error occurred while generating the dataset") from err
+
+    monkeypatch.setattr("hf_sparse_attn.env.collect_env", wrapped)
+    code, _, err = run_cli(capsys, "env")
+    assert_one_line_error(code, err, "env", "generating the dataset; caused by UnicodeDecodeError: 'utf-8' codec")
+
+
 # -- patch -----------------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import huggingface_hub
 import pytest
 import torch
 import transformers
+from conftest import tiny_model, word_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -191,6 +192,20 @@ def test_map_options_are_checked_against_the_model(minilm_path, option, value, b
     code, _, err = _run_demo(["demo", "--quick", option, value])
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"hf-sparse-attn demo: {option} must be in {bound}")
+
+
+def test_demo_runs_another_model_given_by_path(tmp_path):
+    # a tiny GPT-2 whose tokenizer has no pad token (as GPT-2's): the demo pads with EOS and tells the classifier
+    folder = tmp_path / "gpt2"
+    tiny_model(transformers.GPT2ForSequenceClassification, num_labels=2).save_pretrained(folder)
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    code, out, err = _run_demo(["demo", "--model", str(folder), "--quick", "--map-layer", "1", "--map-head", "0"])
+    assert code == 0, err
+    assert "not reachable" not in err
+    assert out.startswith(f"{folder} (2 layers x 4 heads) + new 2-way classifier, patched with r-softmax")
+    assert re.search(r"accuracy after fine-tuning:\s+\d\.\d+\s+\(3 steps", out)
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's LFS upload

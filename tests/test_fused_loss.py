@@ -4,6 +4,7 @@ training under Trainer, PEFT, gradient checkpointing and DDP."""
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
 
@@ -151,6 +152,16 @@ def test_patch_and_unpatch_install_and_remove_it_on_the_instance_only():
     assert not fused_loss_enabled(model) and "forward" not in vars(model)
     classifier = hf_sparse_attn.patch_model(tiny_model(transformers.BertForSequenceClassification), sparsity=0.5)
     assert not fused_loss_enabled(classifier)  # no LM head: nothing to fuse
+
+
+def test_a_deep_copy_fuses_its_own_loss():
+    model = patched("gpt2", "plif")
+    clone = copy.deepcopy(model)
+    assert fused_loss_enabled(clone) and clone.forward.__self__ is clone
+    with torch.no_grad():
+        clone.get_output_embeddings().extra.theta.zero_()  # only the copy changes
+    batch = batch_with_labels("gpt2")
+    assert clone(**batch).loss.item() != pytest.approx(model(**batch).loss.item())
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's warnings about LoRA on a tied nn.Linear

@@ -92,7 +92,7 @@ def test_glue_driver_writes_one_json_per_run_and_skips_finished_runs(
     assert glue.main([*glue_argv(tiny_bert, shared_data, tmp_path), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "done  glue/rte-r0.5-seed0" in listing and "todo  glue/rte-r0.25-seed0" in listing
-    assert "8 runs, 6 to do" in listing and "CPU-hours" in listing  # 3 rates × seeds (2, 1, 2, 1)
+    assert "6 runs, 4 to do" in listing and "CPU-hours" in listing  # seeds per setting: 2, 1, 2, 1
 
 
 def lm_argv(data: Path, tmp_path: Path) -> list[str]:
@@ -151,6 +151,13 @@ def test_lm_driver_and_summariser(tiny_corpus: Path, tmp_path: Path) -> None:
     assert image.read_bytes().startswith(PNG_MAGIC)
     assert f"![lm_heads results](images/{summarise.LM_PLOT})" in text
     assert summarise.summarise(tmp_path / "results", doc, tmp_path / "docs" / "images") == text  # idempotent
+
+    # cards for the kept checkpoints of patched settings only (softmax models carry no patch to describe)
+    cards = summarise.render_cards(tmp_path / "results", tmp_path / "cards")
+    assert sorted(path.parent.name for path in cards) == ["gpt2-ptb-finetune-mos", "gpt2-ptb-mos"]
+    card = (tmp_path / "cards" / "gpt2-ptb-mos" / "README.md").read_text()
+    assert "library_name: hf-sparse-attn" in card and "mixture of 4 softmaxes (MoS)" in card
+    assert "test perplexity" in card and "ptb-text-only/ptb_text_only" in card
 
 
 def test_summariser_mean_and_sd_over_seeds() -> None:

@@ -1,216 +1,180 @@
-"""Evidence for issue 15: a calibrated per-head rate map versus one uniform rate at the same mean sparsity, fine-tuned.
+"""Issue 15's evidence: a calibrated per-head rate map versus the uniform r = 0.5 at the same mean sparsity, fine-tuned.
 
-For each GLUE task (default SST-2 and RTE):
+For each task (default SST-2 and RTE) and seed (default 0, 1, 2), two runs with identical hyper-parameters:
 
-1. **Calibrate once** (seed-independent): all-MiniLM-L6-v2 (or ``--model``) as a plain encoder, the first
-   ``--calibration-sentences`` training sentences (pairs for RTE, encoded as the recipe encodes them). The uniform
-   rate ``--uniform-rate`` is measured there (its mean zero fraction ``s``); then
-   ``hf_sparse_attn.calibrate(model, batches, target_sparsity=s, granularity="head")`` gives the per-head map with
-   the same mean sparsity and the smallest predicted output change. Written to ``calibration-<task>-<tag>.json``
-   (both reports).
-2. **Fine-tune** with ``recipes/classification.py`` (a subprocess per run; identical options, ``--sparsity`` either
-   the uniform rate or the map as JSON, both warmed up from 0 over the same steps) for every seed in ``--seeds``,
-   and read its ``eval_results.json``. One JSON per run: ``<task>-<method>-seed<seed>-<tag>.json``.
-3. Print the table: the metric of each method per task, mean ± standard deviation over seeds.
+- **uniform**: table 1's ``r=0.5`` run (``glue.py``; the same run and the same result file, so a run either driver
+  finished counts for both);
+- **calibrated**: the same run with ``--sparsity`` set to a per-head map from :func:`hf_sparse_attn.calibrate`,
+  warmed up from 0 over the same steps. The map is computed once per task, before fine-tuning, on the first
+  ``--calibration-sentences`` training examples (pairs for RTE, encoded as the recipe encodes them) with
+  ``target_sparsity`` = the mean zero fraction that r = 0.5 gives on those examples, so both runs have the same mean
+  sparsity and the map spends it where the output changes least. It is stored in ``calibration/map-<task>-<hash>.json``
+  (both reports: per head the rate, zero fraction and attention error; the output change of each).
 
-Resumable: a run whose JSON exists is skipped, so an interrupted grid continues where it stopped. ``<tag>`` is a hash
-of the options that change results, so runs of different configurations never mix. ``--only task:method:seed`` runs
-a subset (repeatable), e.g. one smoke configuration.
+Every run is one JSON file written by the shared runner (``runner.py``: resumable, ``--only``, ``--dry-run`` with a
+CPU-time estimate, ``--threads``). After running, the driver prints the metric of both methods per task (mean ±
+standard deviation over the finished seeds).
 
-Examples::
+    python -m benchmarks.reproduce.calibration --data-dir DATA               # the grid (resumes)
+    python -m benchmarks.reproduce.calibration --data-dir DATA --dry-run     # list it with its CPU-time estimate
+    python -m benchmarks.reproduce.calibration --data-dir DATA --only 'rte-calibrated-seed0'
 
-    python benchmarks/reproduce/calibration.py --data-dir PATH/TO/glue              # the whole grid
-    python benchmarks/reproduce/calibration.py --data-dir PATH/TO/glue --only sst2:calibrated:0 \\
-        --train-samples 64 --eval-samples 64 --epochs 1 --calibration-sentences 64 --results-dir /tmp/smoke
+Data: the GLUE TSV release in ``<data-dir>/glue``, as for ``glue.py``; all of ``glue.py``'s options apply.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import math
-import os
-import platform
-import subprocess
+import statistics
 import sys
-import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "benchmarks" / "results" / "reproduce"
-RECIPE = REPO / "recipes" / "classification.py"
-METHODS = ("uniform", "calibrated")
-#: metric reported per task (the first GLUE metric of the task)
-METRIC = {"sst2": "eval_accuracy", "rte": "eval_accuracy", "mrpc": "eval_f1", "cola": "eval_matthews_correlation",
-          "stsb": "eval_pearson"}  # fmt: skip
+from benchmarks.reproduce import glue
+from benchmarks.reproduce.runner import Run
+from benchmarks.reproduce.runner import main as run_grid
+
+TABLE = "calibration"
+#: the uniform setting of table 1 that the calibrated map is compared with, and its rate
+UNIFORM, UNIFORM_RATE = "r=0.5", 0.5
+#: how the calibration batches are formed (sentences per forward pass)
+CALIBRATION_BATCH = 32
+_NOT_YET = "(computed before the first run)"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint to fine-tune (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--data-dir", help="the GLUE TSV release folder (holding SST-2/, RTE/); default: the Hub")
-    parser.add_argument("--tasks", default="sst2,rte", help="comma list of GLUE tasks")
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of fine-tuning seeds")
-    parser.add_argument("--uniform-rate", type=float, default=0.5, help="the uniform r compared against")
-    parser.add_argument("--calibration-sentences", type=int, default=256, help="training sentences to calibrate on")
-    parser.add_argument("--train-samples", type=int, default=2000, help="first N training examples (0: all)")
-    parser.add_argument("--eval-samples", type=int, default=0, help="first N dev examples (0: all)")
-    parser.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW peak learning rate")
-    parser.add_argument("--warmup-fraction", type=float, default=0.1, help="rate warm-up, fraction of the steps")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="truncate sentence (pairs) to this")
-    parser.add_argument("--only", action="append", default=[], help="run only task:method:seed (repeatable)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON files go")
-    return parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = glue.parser()
+    p.description = __doc__.split("\n\n")[0]
+    p.set_defaults(tasks="sst2,rte")
+    p.add_argument("--calibration-sentences", type=int, default=256, help="training examples to calibrate on")
+    return p
 
 
-def config_tag(args: argparse.Namespace) -> str:
-    """Short hash of every option that changes a result."""
-    keys = ("model", "data_dir", "uniform_rate", "calibration_sentences", "train_samples", "eval_samples", "epochs",
-            "batch_size", "learning_rate", "warmup_fraction", "max_seq_length")  # fmt: skip
-    text = json.dumps({key: getattr(args, key) for key in keys}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+def calibration_settings(task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What the map depends on (hashed into its file name and into the calibrated runs' configuration)."""
+    from hf_sparse_attn.calibrate import GRID
+
+    return {
+        "model": args.model or f"{glue.BASE_MODEL} (packaged)",
+        "task": task,
+        "sentences": args.calibration_sentences,
+        "max_seq_length": args.max_seq_length,
+        "granularity": "head",
+        "grid": list(GRID),
+        "target_sparsity": f"mean zero fraction of uniform r = {UNIFORM_RATE} on the same examples",
+    }
 
 
-def machine() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "git_commit": commit,
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+def map_path(settings: dict[str, Any], args: argparse.Namespace) -> Path:
+    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return args.results_dir / TABLE / f"map-{settings['task']}-{tag}.json"
 
 
-def calibration_map(task: str, model_path: str, args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    """The uniform rate's measured sparsity and the per-head map at that sparsity (computed once, then read)."""
+def calibration_map(model_path: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The uniform rate's report and the calibrated map's report at the same mean sparsity (computed once)."""
+    path = map_path(settings, args)
     if path.is_file():
         return json.loads(path.read_text())
-    import torch
+    import time
+
     import transformers
 
     from hf_sparse_attn.calibrate import calibrate, measure_calibration
     from hf_sparse_attn.recipe_data import load_classification
 
-    data = load_classification(task_name=task, data_dir=args.data_dir, splits=["train"])
-    rows = data.raw["train"].select(range(min(args.calibration_sentences, data.raw["train"].num_rows)))
+    data = load_classification(task_name=settings["task"], data_dir=str(args.data_dir / "glue"), splits=["train"])
+    train = data.raw["train"]
+    rows = train.select(range(min(settings["sentences"], train.num_rows)))
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     model = transformers.AutoModel.from_pretrained(model_path)
-    texts = [rows[column] for column in data.text_columns]
-    batches = []
-    for start in range(0, rows.num_rows, 32):
-        chunk = [column[start : start + 32] for column in texts]
-        batches.append(dict(tokenizer(*chunk, padding=True, truncation=True, max_length=args.max_seq_length,
-                                      return_tensors="pt")))  # fmt: skip
-    started = time.perf_counter()
-    torch.manual_seed(0)
-    uniform = measure_calibration(model, batches, args.uniform_rate)
+    options = {"padding": True, "truncation": True, "max_length": settings["max_seq_length"], "return_tensors": "pt"}
+    batches = [
+        dict(tokenizer(*(rows[column][start : start + CALIBRATION_BATCH] for column in data.text_columns), **options))
+        for start in range(0, rows.num_rows, CALIBRATION_BATCH)
+    ]
+    started = time.process_time()
+    uniform = measure_calibration(model, batches, UNIFORM_RATE)
     rates = calibrate(model, batches, target_sparsity=uniform.mean_sparsity, granularity="head")
     result = {
-        "task": task,
+        "settings": settings,
         "uniform": uniform.to_dict(),
         "calibrated": rates.report.to_dict(),
-        "seconds": time.perf_counter() - started,
-        "machine": machine(),
+        "cpu_seconds": time.process_time() - started,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def fine_tune(task: str, method: str, seed: int, sparsity: Any, model_path: str, args: argparse.Namespace) -> dict:
-    """One recipe run in a subprocess; its evaluation metrics and wall time."""
-    with tempfile.TemporaryDirectory() as out:
-        command = [
-            sys.executable, str(RECIPE), "--model_name_or_path", model_path, "--task_name", task,
-            "--sparsity", json.dumps(sparsity), "--sparsity_warmup_steps", str(warmup_steps(task, args)),
-            "--do_train", "--do_eval", "--seed", str(seed), "--num_train_epochs", str(args.epochs),
-            "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "64",
-            "--learning_rate", str(args.learning_rate), "--warmup_steps", "0.1", "--max_seq_length",
-            str(args.max_seq_length), "--save_strategy", "no", "--report_to", "none", "--use_cpu",
-            "--logging_steps", "25", "--disable_tqdm", "true", "--output_dir", out,
-        ]  # fmt: skip
-        if args.data_dir:
-            command += ["--data_dir", args.data_dir]
-        if args.train_samples:
-            command += ["--max_train_samples", str(args.train_samples)]
-        if args.eval_samples:
-            command += ["--max_eval_samples", str(args.eval_samples)]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, cwd=REPO)
-        metrics = json.loads((Path(out) / "eval_results.json").read_text())
-    return {"metrics": metrics, "seconds": time.perf_counter() - started, "command": command[1:]}
+def build(args: argparse.Namespace) -> list[Run]:
+    """Per task and seed: table 1's uniform run, then the calibrated run with the same hyper-parameters."""
+    runs = []
+    for uniform in (run for run in glue.build(args) if run.setting.endswith(f"/{UNIFORM}")):
+        task = uniform.config["task"]
+        argv = list(uniform.argv)
+        settings = calibration_settings(task, args)
+        if args.dry_run and not map_path(settings, args).is_file():
+            rates: Any = _NOT_YET
+        else:
+            model_path = argv[argv.index("--model_name_or_path") + 1]
+            rates = calibration_map(model_path, settings, args)["calibrated"]["rates"]
+        argv[argv.index("--sparsity") + 1] = rates if isinstance(rates, str) else json.dumps(rates)
+        calibrated = Run(
+            table=TABLE,
+            setting=f"{task}/calibrated",
+            seed=uniform.seed,
+            recipe=uniform.recipe,
+            argv=tuple(argv),
+            config={**uniform.config, "sparsity": "calibrated per head", "calibration": settings},
+            steps=uniform.steps,
+            keep=uniform.keep,
+        )
+        runs += [uniform, calibrated]
+    return runs
 
 
-def warmup_steps(task: str, args: argparse.Namespace) -> int:
-    """The rate warm-up: ``--warmup-fraction`` of the optimizer steps (the same for both methods)."""
-    from hf_sparse_attn.recipe_data import load_classification
-
-    rows = load_classification(task_name=task, data_dir=args.data_dir, splits=["train"]).raw["train"].num_rows
-    rows = min(rows, args.train_samples) if args.train_samples else rows
-    return max(1, round(args.warmup_fraction * math.ceil(rows / args.batch_size) * args.epochs))
-
-
-def summary(results: list[dict]) -> str:
-    lines = ["| task | method | mean sparsity | metric | mean ± sd | seeds |", "|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for result in results:
-        groups.setdefault((result["task"], result["method"]), []).append(result)
-    for (task, method), runs in sorted(groups.items()):
-        values = [run["metrics"][METRIC[task]] for run in runs]
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        cells = ", ".join(f"{v:.4f}" for v in values)
-        lines.append(f"| {task} | {method} | {runs[0]['mean_sparsity']:.3f} | {METRIC[task]} | "
-                     f"{mean:.4f} ± {sd:.4f} | {cells} |")  # fmt: skip
+def summary(args: argparse.Namespace) -> str:
+    """The metric of both methods per task over the finished runs of this grid, as a Markdown table."""
+    lines = [
+        "| task | method | mean sparsity | output change | metric | mean ± sd | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    grid = build_quietly(args)
+    for task in args.tasks.split(","):
+        maps = map_path(calibration_settings(task, args), args)
+        reports = json.loads(maps.read_text()) if maps.is_file() else {}
+        for method, setting in (("uniform", f"{task}/{UNIFORM}"), ("calibrated", f"{task}/calibrated")):
+            paths = [run.result_path(args.results_dir) for run in grid if run.setting == setting]
+            values = [json.loads(p.read_text())["metrics"]["eval"][glue.METRIC[task]] for p in paths if p.is_file()]
+            if not values:
+                continue
+            report = reports.get(method, {})
+            sd = statistics.stdev(values) if len(values) > 1 else math.nan
+            lines.append(
+                f"| {task} | {method} | {report.get('mean_sparsity', math.nan):.3f} | "
+                f"{report.get('output_change', math.nan):.4f} | {glue.METRIC[task]} | "
+                f"{statistics.mean(values):.4f} ± {sd:.4f} | {', '.join(f'{v:.4f}' for v in values)} |"
+            )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.model is None:
-        from hf_sparse_attn.packaged_model import verified_minilm_path
+def build_quietly(args: argparse.Namespace) -> list[Run]:
+    """The grid without computing a missing map (result paths depend on the configuration only)."""
+    return build(argparse.Namespace(**{**vars(args), "dry_run": True}))
 
-        model_path = str(verified_minilm_path())  # args.model stays None: the tag ignores the temporary folder
-    else:
-        model_path = args.model
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tag, results_dir = config_tag(args), Path(args.results_dir)
-    wanted = {tuple(item.split(":")) for item in args.only}
-    results = []
-    for task in args.tasks.split(","):
-        maps = None
-        for method in METHODS:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                if wanted and (task, method, str(seed)) not in wanted:
-                    continue
-                path = results_dir / f"{task}-{method}-seed{seed}-{tag}.json"
-                if path.is_file():
-                    print(f"skip {path.name} (done)")
-                    results.append(json.loads(path.read_text()))
-                    continue
-                maps = maps or calibration_map(task, model_path, args, results_dir / f"calibration-{task}-{tag}.json")
-                sparsity = args.uniform_rate if method == "uniform" else maps["calibrated"]["rates"]
-                print(f"run {task} {method} seed {seed}", flush=True)
-                run = fine_tune(task, method, seed, sparsity, model_path, args)
-                record = {"task": task, "method": method, "seed": seed, "sparsity": sparsity,
-                          "mean_sparsity": maps[method]["mean_sparsity"],
-                          "output_change": maps[method]["output_change"], **run,
-                          "config": {**vars(args), "tag": tag}, "machine": machine()}  # fmt: skip
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(record, indent=2) + "\n")
-                results.append(record)
-    print(summary(results))
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    status = run_grid(build, p, argv)
+    args = p.parse_args(argv)
+    if not args.dry_run:
+        print(summary(args))
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -6,10 +6,10 @@ grid (``--only``), lists it (``--dry-run``, with a CPU-time estimate) or runs wh
 run writes ``<results-dir>/<table>/<name>-<hash>.json``; ``<hash>`` covers the run's hyper-parameters (not paths), so
 a run with other settings (a shortened sizing run, say) never counts as the same run.
 
-A run trains in ``<checkpoint-dir>/<table>/<name>`` (``--save_strategy epoch``, so an interrupted run resumes from its
-last epoch, as the recipes do). The folder of each setting's first seed is kept (the reference checkpoint, saved with
-``save_pretrained`` by the recipe, for the model cards and as a starting point); the others are deleted once their
-JSON is written.
+A run trains in ``<checkpoint-dir>/<table>/<name>-<hash>`` (``--save_strategy epoch``, so an interrupted run resumes
+from its last epoch, as the recipes do). The folder of each setting's first seed is kept: the reference checkpoint
+that the recipe saved with ``save_pretrained`` (the model the run was scored with), for the model cards and as a
+starting point; the other seeds' folders are deleted once their JSON is written.
 
 The JSON holds: ``config`` (the hyper-parameters), ``argv`` (the recipe arguments), ``metrics`` (``eval`` and any
 extra evaluation such as ``test``), ``train`` (the recipe's ``train_results.json``), ``steps``, ``wall_seconds``,
@@ -109,7 +109,7 @@ class Run:
 
 
 def default_data_dir() -> Path:
-    """``$HF_SPARSE_ATTN_DATA``, else ``data`` beside the repository's parent folder (``../shared/data``)."""
+    """``$HF_SPARSE_ATTN_DATA``, else the development setup's data folder (``shared/data`` beside the checkout)."""
     return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data"))
 
 
@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         default=default_data_dir(),
-        help=f"folder holding glue/, ptb/, wikitext-2/ (default: ${DATA_ENV} or ../shared/data)",
+        help=f"folder holding glue/, ptb/, wikitext-2/ (default: ${DATA_ENV})",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the run JSON files go")
     parser.add_argument(

@@ -5,6 +5,10 @@ Each table replaces the text between its two markers in the document (``<!-- rep
 no new results changes nothing. Settings without any finished run are left out; the ``seeds`` column says how many
 runs each cell averages. Mean ± sample standard deviation over seeds (a single seed: the value alone).
 
+The model card of each patched setting's reference checkpoint (its first seed, kept by the drivers) is rendered with
+:func:`hf_sparse_attn.hub.create_model_card` into ``model_cards/<name>/README.md``, when the checkpoint is on this
+machine.
+
     python -m benchmarks.reproduce.summarise
     python -m benchmarks.reproduce.summarise --results-dir benchmarks/results/reproduce --doc docs/results.md
 """
@@ -24,6 +28,11 @@ from benchmarks.reproduce import glue, lm_heads
 from benchmarks.reproduce.runner import REPO, RESULTS_DIR
 
 GLUE_PLOT = "reproduce_glue_metric_vs_r.png"
+#: Hub ids of the data the cards' results were measured on (the runs read the same files locally)
+GLUE_DATASET = "nyu-mll/glue"
+LM_DATASETS = {"ptb": "ptb-text-only/ptb_text_only", "wt2": "Salesforce/wikitext"}
+#: card folder name = prefix + setting, e.g. ``minilm-rte-r0.5``, ``gpt2-ptb-mos``
+CARD_PREFIX = {glue.TABLE: "minilm-", lm_heads.TABLE: "gpt2-"}
 LM_PLOT = "reproduce_lm_curves.png"
 Record = dict[str, Any]
 
@@ -46,8 +55,14 @@ def mean_sd(values: Sequence[float], digits: int) -> str:
 
 
 def seconds_per_step(runs: Iterable[Record]) -> float:
-    """Mean training wall time per optimizer step (the Trainer's ``train_runtime``)."""
-    return statistics.mean(run["train"]["train_runtime"] / run["steps"] for run in runs)
+    """Mean training wall time per optimizer step: the Trainer's ``train_runtime`` less the evaluations it ran
+    during training (``eval_runtime`` of each logged evaluation), over the steps."""
+
+    def training_seconds(run: Record) -> float:
+        evaluations = sum(entry.get("eval_runtime", 0.0) for entry in run["log_history"])
+        return run["train"]["train_runtime"] - evaluations
+
+    return statistics.mean(training_seconds(run) / run["steps"] for run in runs)
 
 
 def final_sparsity(run: Record) -> float | None:
@@ -83,7 +98,7 @@ def glue_table(groups: dict[str, list[Record]]) -> str:
                     name,
                     metric.removeprefix("eval_"),
                     mean_sd([r["metrics"]["eval"][metric] for r in runs], 4),
-                    f"{statistics.mean(sparsity):.3f}" if sparsity else "0 (softmax)",
+                    f"{statistics.mean(sparsity):.3f}" if sparsity else "— (not logged)",
                     ratio(seconds_per_step(runs), reference),
                     str(len(runs)),
                 ]
@@ -226,14 +241,63 @@ def summarise(results_dir: Path, doc: Path, images_dir: Path) -> str:
     return text
 
 
+def card_inputs(record: Record) -> dict[str, Any]:
+    """What the model card of a run says beyond its checkpoint: base model, dataset and results."""
+    if record["table"] == glue.TABLE:
+        return {"base_model": glue.BASE_MODEL, "dataset": GLUE_DATASET, "eval_results": record["metrics"]["eval"]}
+    results = {
+        f"{split} perplexity": record["metrics"][key]["eval_perplexity"]
+        for split, key in (("validation", "eval"), ("test", "test"))
+    }
+    return {"dataset": LM_DATASETS[record["config"]["corpus"]], "eval_results": results}
+
+
+def render_cards(results_dir: Path, cards_dir: Path) -> list[Path]:
+    """``cards_dir/<setting>/README.md`` for the kept checkpoint (first seed) of every patched setting, rendered
+    with :func:`hf_sparse_attn.hub.create_model_card` from the checkpoint's ``config.json`` and the run's JSON.
+    Softmax settings are plain transformers models with no patch to describe, so they get no card."""
+    from transformers import AutoConfig
+
+    from hf_sparse_attn.config import CONFIG_KEY
+    from hf_sparse_attn.hub import create_model_card
+
+    written = []
+    for table in (glue.TABLE, lm_heads.TABLE):
+        for runs in load(results_dir, table).values():
+            first = runs[0]
+            if not first["checkpoint"] or not (Path(first["checkpoint"]) / "config.json").is_file():
+                continue
+            config = AutoConfig.from_pretrained(first["checkpoint"])
+            if getattr(config, CONFIG_KEY, None) is None:
+                continue
+            name = CARD_PREFIX[table] + first["name"].rsplit("-seed", 1)[0]
+            card = create_model_card(
+                config,
+                repo_id=name,
+                hyperparameters=first["config"],
+                log_history=first["log_history"],
+                **card_inputs(first),
+            )
+            path = cards_dir / name / "README.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            card.save(path)
+            written.append(path)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="the drivers' JSON files")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md", help="the document to update")
     parser.add_argument("--images-dir", type=Path, default=REPO / "docs" / "images", help="where the PNGs go")
+    parser.add_argument(
+        "--cards-dir", type=Path, default=REPO / "model_cards", help="where the model cards of the kept checkpoints go"
+    )
     args = parser.parse_args(argv)
     summarise(args.results_dir, args.doc, args.images_dir)
     print(f"updated {args.doc}")
+    for path in render_cards(args.results_dir, args.cards_dir):
+        print(f"wrote {path}")
     return 0
 
 

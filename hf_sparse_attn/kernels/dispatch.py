@@ -6,11 +6,16 @@ against the reference at fp32 tolerance); the reference is :func:`hf_sparse_attn
 materialised ``[B, H, T, S]`` scores ``(scaling q) kᵀ + bias``. Scaling ``q`` before the product keeps fp16 scores
 finite wherever the scaled scores fit in fp16, as in SDPA (``q·k`` itself may overflow).
 
-The kernel covers masks made of per-(batch, key) padding and an optional causal pattern with queries aligned to
-the end of the keys (query ``i`` sees key ``j`` iff ``j <= i + S - T``, as under a KV cache), one rate per head
-(or one for all), fp16/bf16/fp32, head dims 16/32/64/128, no attention dropout in training, no returned weights,
-no additive bias at valid keys. The dispatcher recognises such a mask from the materialised boolean mask
-transformers builds. Nothing here hides a NaN: a NaN score at a valid key gives a NaN row on every path.
+The kernel covers per-(batch, key) padding and an optional causal pattern with queries aligned to the end of the
+keys (query ``i`` sees key ``j`` iff ``j <= i + S - T``, as under a KV cache), one rate per head (or one for all),
+fp16/bf16/fp32, head dims 16/32/64/128, no attention dropout in training and no returned weights. Callers describe
+such a mask by its structure, ``key_padding [B, S]`` and ``causal_offset``, never by a materialised ``[B, T, S]``
+mask: the dispatcher does not read mask values, so the kernel path makes no host sync and allocates nothing of size
+``[B, T, S]``, and which path runs never depends on data. A general boolean ``valid`` mask or an additive ``bias``
+takes the reference. :mod:`hf_sparse_attn.attention` derives the structure from what transformers hands over.
+``backend="auto"`` uses the kernel for a (device, dtype, head dim) only after it passed a first-use self-check
+against the reference (:mod:`hf_sparse_attn.kernels.self_check`). Nothing here hides a NaN: a NaN score at a valid
+key gives a NaN row on every path.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_sparse_attn.ops.r_softmax import r_softmax
 
@@ -30,8 +36,13 @@ __all__ = ["kernel_unsupported_reason", "r_softmax_attention", "triton_available
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-#: set to 0 to make backend="auto" always use the reference (an escape hatch, e.g. to bisect a numerical issue)
+#: override of backend="auto": "0" = always the reference (e.g. to bisect a numerical issue), "1" = the kernel
+#: wherever it applies, without the first-use self-check (e.g. to benchmark or debug the kernel itself); unset =
+#: the kernel where it applies and passed its self-check
 KERNELS_ENV = "HF_SPARSE_ATTN_KERNELS"
+KERNELS_ENV_VALUES = ("0", "1")
+#: rate tensor -> ((in-place version, device), validated fp32 rates [H] on that device): checked and copied once
+_KERNEL_RATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @functools.cache
@@ -40,40 +51,60 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _rates_per_head(rate: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor | None:
-    """fp32 ``[H]`` rates on ``device``, or None when ``rate`` differs within a head (per batch or per row)."""
+def kernels_override() -> str | None:
+    """The value of :data:`KERNELS_ENV` (``"0"`` or ``"1"``), or None when it is unset or empty.
+
+    Raises:
+        ValueError: for any other value (a typo must not silently pick a path)."""
+    value = os.environ.get(KERNELS_ENV) or None
+    if value is not None and value not in KERNELS_ENV_VALUES:
+        raise ValueError(
+            f"{KERNELS_ENV} must be unset, '0' (always the reference) or '1' (the kernel wherever it applies, "
+            f"without the first-use self-check); got {value!r}"
+        )
+    return value
+
+
+def _kernel_rates(rate: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor | None:
+    """fp32 ``[H]`` rates on ``device`` for the kernel, or None when ``rate`` differs within a head (per batch or row).
+
+    No host sync for a number. A tensor is range-checked and copied to ``device`` once per (tensor, in-place
+    version, device) and cached, so a layer's rate tensor costs one check on its first call, not one per call.
+
+    Raises:
+        ValueError: for a rate outside ``[0, 1]`` (or NaN)."""
     if not isinstance(rate, torch.Tensor):
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
         return torch.full((heads,), float(rate), dtype=torch.float32, device=device)
-    if rate.numel() == 1:
-        return rate.detach().reshape(1).to(device, torch.float32).expand(heads).contiguous()
-    if rate.numel() == heads and (rate.dim() == 1 or rate.shape[-3:] == (heads, 1, 1)):
-        return rate.detach().reshape(heads).to(device, torch.float32).contiguous()
-    return None
+    if rate.numel() != 1 and not (rate.numel() == heads and (rate.dim() == 1 or rate.shape[-3:] == (heads, 1, 1))):
+        return None
+    key = (None if rate.is_inference() else rate._version, device)  # inference tensors have no version counter
+    cached = _KERNEL_RATES.get(rate)
+    if cached is not None and key[0] is not None and cached[0] == key:
+        return cached[1]
+    values = rate.detach().reshape(-1).to(torch.float32)
+    if not ((values >= 0) & (values <= 1)).all():
+        raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
+    rates = values.expand(heads).to(device, non_blocking=True).contiguous()  # (H,); pageable H2D: no stream sync
+    _KERNEL_RATES[rate] = (key, rates)
+    return rates
 
 
-def _split_mask(
-    valid: torch.Tensor | None, batch: int, t_len: int, s_len: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Candidate decomposition of a bool mask broadcastable to ``[B, 1, T, S]`` into key padding and causality.
+def structured_mask(
+    key_padding: torch.Tensor | None, causal_offset: int | None, t_len: int, s_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The bool mask that ``key_padding`` and ``causal_offset`` describe, broadcastable to ``[B, 1, T, S]``.
 
-    Returns ``(key_padding [B', S], is_padding, is_causal)``: the last query row of the mask (it sees every key
-    under both patterns) as the padding candidate, and 0-d bool tensors saying whether the mask equals that
-    padding alone or that padding combined with the causal pattern (offset ``S - T``). ``(None, None, None)``
-    when the mask has a shape the kernel cannot take (per-head masks, more than 4 dims).
-    """
-    if valid is None:
-        return None, torch.tensor(True, device=device), torch.tensor(False, device=device)
-    if valid.dim() > 4:
-        return None, None, None
-    mask = valid.reshape((1,) * (4 - valid.dim()) + tuple(valid.shape))  # (B', 1, T', S')
-    if mask.shape[1] != 1 or mask.shape[0] not in (1, batch):
-        return None, None, None
-    mask = mask[:, 0].expand(mask.shape[0], t_len, s_len)  # (B', T, S)
-    padding = mask[:, -1, :]  # (B', S)
-    rows = torch.arange(t_len, device=mask.device)[:, None]
-    cols = torch.arange(s_len, device=mask.device)[None, :]
-    causal = padding[:, None, :] & (cols <= rows + (s_len - t_len))  # (B', T, S)
-    return padding, (mask == padding[:, None, :]).all(), (mask == causal).all()
+    ``mask[b, 0, i, j] = key_padding[b, j] and j <= i + causal_offset`` (a missing part is all True); None when
+    both are None. Only the reference path materialises it."""
+    mask = None if key_padding is None else key_padding[:, None, None, :]  # (B, 1, 1, S)
+    if causal_offset is not None and causal_offset < s_len - 1:
+        rows = torch.arange(t_len, device=device)[:, None]
+        cols = torch.arange(s_len, device=device)[None, :]
+        causal = cols <= rows + causal_offset  # (T, S)
+        mask = causal if mask is None else mask & causal  # (B, 1, T, S)
+    return mask
 
 
 def kernel_unsupported_reason(
@@ -86,7 +117,7 @@ def kernel_unsupported_reason(
 ) -> str | None:
     """Why the Triton kernel cannot run this call (static checks only, no device sync), or None if it can.
 
-    The mask and the rate are checked later, in :func:`r_softmax_attention`, with one device sync."""
+    The mask structure and the rate are checked later, in :func:`r_softmax_attention`, also without a sync."""
     if query.dtype not in KERNEL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}; the kernel needs one of {KERNEL_DTYPES} for all"
     if query.shape[-1] not in KERNEL_HEAD_DIMS or value.shape[-1] != query.shape[-1]:
@@ -133,6 +164,8 @@ def _check_arguments(
     value: torch.Tensor,
     valid: object,
     bias: object,
+    key_padding: object,
+    causal_offset: object,
     rate: object,
     eps: float,
     backend: str,
@@ -157,6 +190,25 @@ def _check_arguments(
             raise ValueError(
                 f"{name} of shape {tuple(tensor.shape)} does not broadcast to the scores [B, H, T, S] = {scores_shape}"
             ) from None
+    if key_padding is not None:
+        if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
+            got = f"dtype {key_padding.dtype}" if isinstance(key_padding, torch.Tensor) else type(key_padding).__name__
+            raise TypeError(f"key_padding must be None or a bool tensor [B, S] (True = valid key); got {got}")
+        if (
+            key_padding.dim() != 2
+            or key_padding.shape[0] not in (1, query.shape[0])
+            or key_padding.shape[1] != key.shape[-2]
+        ):
+            raise ValueError(
+                f"key_padding must have shape [B, S] = {(query.shape[0], key.shape[-2])} (or [1, S]); "
+                f"got {tuple(key_padding.shape)}"
+            )
+        if key_padding.device != query.device:
+            raise ValueError(f"key_padding is on {key_padding.device}, query on {query.device}; they must match")
+    if causal_offset is not None and (isinstance(causal_offset, bool) or not isinstance(causal_offset, int)):
+        raise TypeError(
+            f"causal_offset must be None (not causal) or an int d (query i sees keys j <= i + d); got {causal_offset!r}"
+        )
     if rate is None or isinstance(rate, bool) or not isinstance(rate, Real | torch.Tensor):
         raise TypeError(f"rate must be a number in [0, 1] or a tensor of rates (None means softmax); got {rate!r}")
     if isinstance(eps, bool) or not isinstance(eps, Real) or not 0.0 < float(eps) < float("inf"):
@@ -168,44 +220,54 @@ def _kernel_plan(
     key: torch.Tensor,
     value: torch.Tensor,
     valid: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    key_padding: torch.Tensor | None,
+    causal_offset: int | None,
     rate: float | torch.Tensor,
     dropout: float,
     training: bool,
     need_weights: bool,
     backend: str,
-    bias: torch.Tensor | None,
-) -> tuple[tuple[torch.Tensor | None, torch.Tensor, bool] | None, str | None]:
-    """``((key_padding [B, S] or None, rates [H], causal), None)`` when the kernel can run the call, else
-    ``(None, reason)``. Raises ``ValueError`` for rates outside [0, 1] (checked in the same device sync)."""
-    if backend == "reference" or (backend == "auto" and os.environ.get(KERNELS_ENV) == "0"):
-        return None, "the reference backend was requested"
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, bool] | None, str | None]:
+    """``((key, value, key_padding [B, S] or None, rates [H], causal), None)`` when the kernel can run the call, else
+    ``(None, reason)``.
+
+    Decided from shapes, dtypes, flags and Python numbers only: no host sync, no ``[B, T, S]`` temporary, and the
+    same path for any tensor values. A causal offset below ``S - T`` (keys past ``T + causal_offset`` are visible to
+    no query, e.g. the empty slots of a static cache) is handled by slicing ``key``/``value`` to those keys, which
+    turns it into the kernel's ``S - T``. Raises ``ValueError`` for rates outside [0, 1]."""
+    override = kernels_override() if backend == "auto" else None
+    if backend == "reference" or override == "0":
+        return None, "the reference backend was requested" if backend == "reference" else f"{KERNELS_ENV}=0"
     if backend == "auto" and not query.is_cuda:
         return None, f"tensors are on {query.device.type}, not CUDA"
     reason = kernel_unsupported_reason(query, key, value, dropout, training, need_weights)
     if reason is not None:
         return None, reason
-    rates = _rates_per_head(rate, query.shape[1], query.device)
+    if valid is not None or bias is not None:
+        return None, "a general mask (valid or bias) was given; the kernel takes key_padding and causal_offset only"
+    rates = _kernel_rates(rate, query.shape[1], query.device)
     if rates is None:
         return None, f"rate of shape {tuple(rate.shape)} is not one value per head"
-    padding, is_padding, is_causal = _split_mask(valid, query.shape[0], query.shape[2], key.shape[2], query.device)
-    if is_padding is None:
-        return None, f"mask of shape {tuple(valid.shape)} is not a [B, 1, T, S] padding/causal mask"
-    all_valid = padding.all() if padding is not None else is_padding
-    in_range = ((rates >= 0) & (rates <= 1)).all()
-    no_bias = is_padding.new_ones(())
-    if bias is not None:  # an additive mask that is 0 at every valid key is a plain mask; biases and NaN are not
-        no_bias = (bias.eq(0) if valid is None else bias.eq(0) | ~valid).all()
-    flags = torch.stack([is_padding, is_causal, all_valid, in_range, no_bias]).tolist()
-    only_padding, causal, all_valid, in_range, no_bias = flags
-    if not in_range:
-        raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
-    if not no_bias:
-        return None, "the additive mask adds non-zero values (biases) at valid keys"
-    if not (only_padding or causal):
-        return None, "the mask is neither key padding nor key padding + causal (offset S - T)"
-    # a mask matching both patterns (T = 1 under a KV cache) takes the cheaper non-causal path
-    key_padding = None if all_valid else padding.expand(query.shape[0], key.shape[2])  # (B, S), maybe stride 0
-    return (key_padding, rates, not only_padding), None
+    t_len, s_len = query.shape[2], key.shape[2]
+    causal = causal_offset is not None and causal_offset < s_len - 1  # else every query sees every key
+    if causal:
+        visible = t_len + causal_offset  # keys j >= visible are masked for every query
+        if not 0 < visible <= s_len:
+            return None, f"causal_offset {causal_offset} with T = {t_len}, S = {s_len}: the kernel needs 0 < T + d <= S"
+        key, value = key[:, :, :visible], value[:, :, :visible]  # views: (B, H, T + d, D)
+        key_padding = None if key_padding is None else key_padding[:, :visible]
+    if backend == "auto" and override is None:
+        from hf_sparse_attn.kernels import self_check
+
+        if not self_check.kernel_verified(query.device, query.dtype, query.shape[-1]):
+            return (
+                None,
+                f"the kernel failed its self-check for {query.dtype}, head dim {query.shape[-1]} on {query.device}",
+            )
+    if key_padding is not None:
+        key_padding = key_padding.expand(query.shape[0], key.shape[2])  # (B, S), maybe stride 0
+    return (key, value, key_padding, rates, causal), None
 
 
 def r_softmax_attention(
@@ -221,21 +283,26 @@ def r_softmax_attention(
     need_weights: bool = False,
     *,
     bias: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    causal_offset: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention with r-softmax: ``o = r_softmax(scaling q k^T + bias, rate, mask=valid) v``.
+    """Scaled dot-product attention with r-softmax: ``o = r_softmax(scaling q k^T + bias, rate, mask=M) v``.
 
-    Each query row keeps the keys whose score exceeds the r-quantile of its *valid* scores (DESIGN §2): a
-    fraction ``rate`` of the valid keys gets weight exactly 0, masked keys get 0 and do not enter the quantile, and
-    a row with no valid key gives a zero output. ``backend="auto"`` runs the flash-style Triton kernel (no
-    ``[T, S]`` matrix in memory) when :func:`kernel_unsupported_reason` finds nothing against it and the mask is
-    key padding plus an optional causal pattern; otherwise the reference, which gives the same numbers.
+    The mask ``M[b, h, i, j] = valid[b, h, i, j] and key_padding[b, j] and j <= i + causal_offset`` (a part that is
+    None is all True). Each query row keeps the keys whose score exceeds the r-quantile of its *valid* scores
+    (DESIGN §2): a fraction ``rate`` of the valid keys gets weight exactly 0, masked keys get 0 and do not enter the
+    quantile, and a row with no valid key gives a zero output. ``backend="auto"`` runs the flash-style Triton kernel
+    (no ``[T, S]`` matrix in memory) when :func:`kernel_unsupported_reason` finds nothing against it, the mask is
+    given by ``key_padding`` and ``causal_offset`` alone, and the kernel passed its first-use self-check for this
+    device, dtype and head dim (:mod:`hf_sparse_attn.kernels.self_check`; :data:`KERNELS_ENV` overrides it);
+    otherwise the reference, which gives the same numbers. The choice never reads tensor values.
 
     Args:
         query: ``[B, H, T, D]``.
         key, value: ``[B, H, S, D]`` (``S > T`` under a KV cache).
-        valid: bool mask broadcastable to ``[B, 1, T, S]`` (True = the query may attend the key), e.g. the
-            ``[B, 1, T, S]`` mask transformers builds or a ``[T, S]`` causal mask; None = every key is valid.
+        valid: bool mask broadcastable to ``[B, H, T, S]`` (True = the query may attend the key) of any pattern;
+            it always takes the reference path. None = no such mask.
         rate: sparsity rate in ``[0, 1]``: a number, a tensor ``[H]`` (one per head), or for the reference any
             tensor broadcastable to ``[B, H, T, 1]``.
         scaling: multiplier of ``q·k``; defaults to ``D ** -0.5``.
@@ -243,9 +310,13 @@ def r_softmax_attention(
         dropout, training: attention dropout probability, applied to the probabilities when ``training``.
         need_weights: the caller needs the ``[B, H, T, S]`` probabilities (forces the reference path).
         bias: optional float tensor broadcastable to ``[B, H, T, S]`` added to the scaled scores, e.g. the additive
-            mask of eager attention (its entries at keys that ``valid`` masks are ignored, whatever they hold).
-        backend: ``"auto"``, ``"triton"`` (raise ``ValueError`` when the kernel cannot run the call) or
-            ``"reference"``.
+            mask of eager attention (its entries at masked keys are ignored, whatever they hold). Reference only.
+        key_padding: bool ``[B, S]`` or ``[1, S]`` (True = the key is valid for every query), or None.
+        causal_offset: None (not causal) or an int ``d``: query ``i`` sees keys ``j <= i + d``. ``S - T`` aligns
+            the queries to the end of the keys (a KV cache), ``0`` to the start (SDPA's ``is_causal``); ``d >= S - 1``
+            masks nothing.
+        backend: ``"auto"``, ``"triton"`` (the kernel without the self-check; ``ValueError`` when it cannot run
+            the call) or ``"reference"``.
 
     Returns:
         ``(output [B, T, H, D], probabilities [B, H, T, S] before dropout)`` from the reference path, ``(output,
@@ -253,22 +324,28 @@ def r_softmax_attention(
 
     Examples::
         >>> q, k, v = (torch.randn(2, 4, 16, 32) for _ in range(3))
-        >>> causal = torch.ones(16, 16, dtype=torch.bool).tril()
-        >>> out, weights = r_softmax_attention(q, k, v, causal, rate=0.5)  # on CPU: the reference path
+        >>> padding = torch.tensor([[True] * 16, [True] * 12 + [False] * 4])  # (B, S): row 1 has 4 padded keys
+        >>> # causal and padded; on CPU this takes the reference path, on CUDA the kernel
+        >>> out, weights = r_softmax_attention(q, k, v, rate=0.5, key_padding=padding, causal_offset=0)
         >>> out.shape, weights.shape
         (torch.Size([2, 16, 4, 32]), torch.Size([2, 4, 16, 16]))
     """
-    _check_arguments(query, key, value, valid, bias, rate, eps, backend)
+    _check_arguments(query, key, value, valid, bias, key_padding, causal_offset, rate, eps, backend)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    plan, reason = _kernel_plan(query, key, value, valid, rate, dropout, training, need_weights, backend, bias)
+    plan, reason = _kernel_plan(
+        query, key, value, valid, bias, key_padding, causal_offset, rate, dropout, training, need_weights, backend
+    )
     if plan is None:
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
-        return _reference(query, key, value, valid, rate, scaling, eps, dropout, training, bias)
+        mask = structured_mask(key_padding, causal_offset, query.shape[2], key.shape[2], query.device)
+        if valid is not None:
+            mask = valid if mask is None else mask & valid
+        return _reference(query, key, value, mask, rate, scaling, eps, dropout, training, bias)
 
     from hf_sparse_attn.kernels.r_softmax_attention_triton import RSoftmaxAttentionFunction
 
-    key_padding, rates, causal = plan
+    key, value, key_padding, rates, causal = plan
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
     return RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rates, causal, float(scaling), float(eps)), None

@@ -50,7 +50,7 @@ from hf_sparse_attn.kernels.r_softmax_threshold_triton import (
 
 __all__ = ["RSoftmaxAttentionFunction", "dropout_keep_mask", "r_softmax_attention_bwd", "r_softmax_attention_fwd"]
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e)
 
 
 # fmt: off  (kernel signatures group their strides by tensor)

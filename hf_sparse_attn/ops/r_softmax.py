@@ -116,10 +116,10 @@ def _sort_rows(scores: torch.Tensor) -> torch.Tensor:
     """The values of ``scores`` sorted ascending along the last dim (NaN last), in a new contiguous tensor.
 
     On CPU, numpy's sort: it vectorises (x86-simd-sort with AVX2/AVX-512, Highway's vqsort on Arm) and sorted the
-    ``[8, 12, 128, 128]`` attention scores of a MiniLM layer ~25x faster than ``torch.sort``, whose per-row sort
-    took ~60% of the patched model's forward (docs/r_softmax.md, "Speed"). Sorting is exact, so both give the same
-    values: NaN last, ``-0.0`` and ``0.0`` tied. ``torch.sort`` everywhere else: other devices, tensor subclasses
-    (e.g. the fake tensors of tracing) and under ``torch.compile``.
+    ``[8, 12, 128, 128]`` attention scores of a MiniLM layer ~30x faster than ``torch.sort``, whose per-row sort
+    took ~45% of the patched model's forward (docs/r_softmax.md, "Speed on CPU"). Sorting is exact, so both give the
+    same values: NaN last, ``-0.0`` and ``0.0`` tied. ``torch.sort`` everywhere else: other devices, tensor
+    subclasses (e.g. the fake tensors of tracing) and under ``torch.compile``.
     """
     if scores.device.type == "cpu" and type(scores) is torch.Tensor and not torch.compiler.is_compiling():
         ordered = scores.clone(memory_format=torch.contiguous_format)  # torch's memory, sorted in place by numpy
@@ -165,11 +165,15 @@ def _weighted(
     Few full-size temporaries, because on CPU each fresh one costs more than the arithmetic (page faults):
     ``scores`` is overwritten unless it is ``x`` itself, and ``p`` is written into ``spare`` (a tensor shaped like
     ``scores`` that the caller no longer needs) when one is given.
+
+    ``e = exp(x - m)`` is taken of ``max(x - m, -t)``: only alive entries (``x - m > -t``) use ``e``, and they are
+    unchanged, so ``p`` is the same bit for bit; the dead and masked ones (``w = 0``) no longer hand ``exp`` the
+    ``-inf`` and deep negative inputs that take its slow path on CPU (10-100x slower per element, measured).
     """
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # empty row: exp(-inf - 0) = 0, not NaN
     shifted = scores - row_max if scores is x else scores.sub_(row_max)  # (..., N) x - m
     lifted = torch.add(shifted, t, out=spare) if spare is not None else shifted + t  # (..., N) u = x - m + t
-    weighted = lifted.relu_().mul_(shifted.exp_())  # (..., N) a = w e
+    weighted = lifted.relu_().mul_(shifted.clamp_(min=t.neg()).exp_())  # (..., N) a = w e
     total = weighted.sum(dim=-1, keepdim=True)  # (..., 1) S, 0 only for a row with no valid position
     total = total.masked_fill(total == 0, 1.0)
     ctx.save_for_backward(x, mask, t, row_max, total)
@@ -192,7 +196,7 @@ def _vjp(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
     # Ties: torch.max picks one index, and autograd through torch.max(...).values sends the gradient there.
     argmax = scores.max(dim=-1, keepdim=True).indices  # (..., 1)
     shifted = scores - row_max if scores is x else scores.sub_(row_max)  # (..., N) x - m
-    exp = shifted.exp()  # e
+    exp = shifted.clamp(min=t.neg()).exp_()  # e where it is used (c = 1), see _weighted
     lifted = shifted.add_(t)  # u = x - m + t: w = relu(u), c = 1[u > 0]
     alive = torch.gt(lifted, 0, out=torch.empty_like(lifted))  # c as 0.0 / 1.0
     alive_exp = exp.mul_(alive)  # c e

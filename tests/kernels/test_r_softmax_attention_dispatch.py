@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import hf_sparse_attn
 import hf_sparse_attn.kernels.dispatch as dispatch
@@ -78,38 +79,159 @@ def test_shape_and_dtype_reasons_against_the_kernel() -> None:
     assert "GQA" in kernel_unsupported_reason(q, k[:, :1], v[:, :1])
 
 
+def explicit_mask(key_padding: torch.Tensor | None, offset: int | None, t_len: int, s_len: int) -> torch.Tensor:
+    """``[B, 1, T, S]`` bool, entry by entry: key ``j`` valid in batch row ``b`` and ``j <= i + offset``."""
+    batch = 1 if key_padding is None else key_padding.shape[0]
+    mask = torch.zeros(batch, 1, t_len, s_len, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(t_len):
+            for j in range(s_len):
+                padded = key_padding is not None and not key_padding[b, j]
+                mask[b, 0, i, j] = not padded and (offset is None or j <= i + offset)
+    return mask
+
+
+@pytest.mark.parametrize("offset", [None, 0, 2, 4, -1, 8, 20], ids=lambda d: f"offset{d}")
+def test_key_padding_and_causal_offset_mean_the_mask_they_describe(offset: int | None) -> None:
+    """``key_padding`` + ``causal_offset`` compute what the same mask given as ``valid`` computes (T = 5, S = 9:
+    offset 4 = S - T is a KV cache, 0 is SDPA's top-left ``is_causal``, >= S - 1 masks nothing)."""
+    q, k, v = qkv(t_len=5, s_len=9)
+    key_padding = padding_causal_mask(2, 5, 9)[:, 0, -1, :]  # (B, S): row 1 loses its last key
+    out, weights = r_softmax_attention(q, k, v, rate=0.5, key_padding=key_padding, causal_offset=offset)
+    expected_out, expected = r_softmax_attention(q, k, v, explicit_mask(key_padding, offset, 5, 9), 0.5)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, expected_out)
+
+
+class DeviceTraffic(TorchFunctionMode):
+    """Counts, among the torch calls made inside the block, reads of tensor data on the host (each one a device
+    sync on CUDA; ``tolist`` does not reach the dispatcher, so a function mode, not a dispatch mode) and new tensors
+    whose storage holds at least ``limit_bytes`` (views of the given inputs do not count)."""
+
+    HOST_READS = frozenset(
+        {
+            torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+            torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
+            torch.Tensor.nonzero, torch.nonzero, torch.Tensor.any, torch.Tensor.all, torch.any, torch.all,
+        }
+    )  # fmt: skip
+
+    def __init__(self, limit_bytes: int, inputs: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        self.limit_bytes = limit_bytes
+        self.input_storages = {x.untyped_storage().data_ptr() for x in inputs}
+        self.host_reads: list[str] = []
+        self.large: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.HOST_READS:
+            self.host_reads.append(func.__name__)
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            if storage.nbytes() >= self.limit_bytes and storage.data_ptr() not in self.input_storages:
+                self.large.append(getattr(func, "__name__", str(func)))
+        return out
+
+
 @pytest.mark.parametrize(
-    ("mask", "expected"),
-    [
-        (None, (True, False)),
-        ("padding", (True, False)),
-        ("padding-causal", (False, True)),
-        ("causal-2d", (False, True)),
-        ("random", (False, False)),
-    ],
+    ("padding", "offset", "rate"),
+    [(True, None, 0.5), (True, 32, 0.5), (False, 32, "per-head"), (True, 0, "per-head"), (True, 40, 0.5)],
+    ids=["padding", "padding-causal", "causal-per-head", "top-left-sliced", "offset-past-the-end"],
 )
-def test_split_mask_recognises_padding_and_causal_masks(mask: str | None, expected: tuple[bool, bool]) -> None:
-    batch, t_len, s_len = 3, 4, 9
-    full = padding_causal_mask(batch, t_len, s_len)
-    valid = {
-        None: None,
-        "padding": full[:, :, -1:, :],  # [B, 1, 1, S], broadcast over queries
-        "padding-causal": full,
-        "causal-2d": torch.ones(t_len, s_len, dtype=torch.bool).tril(s_len - t_len),
-        "random": torch.rand(batch, 1, t_len, s_len, generator=torch.Generator().manual_seed(0)) < 0.7,
-    }[mask]
-    padding, is_padding, is_causal = dispatch._split_mask(valid, batch, t_len, s_len, torch.device("cpu"))
-    assert (bool(is_padding), bool(is_causal)) == expected
-    if mask in ("padding", "padding-causal"):
-        assert torch.equal(padding, full[:, 0, -1, :])
+def test_kernel_plan_makes_no_sync_and_no_scores_sized_temporary(
+    monkeypatch: pytest.MonkeyPatch, padding: bool, offset: int | None, rate: float | str
+) -> None:
+    """The kernel-path decision reads no tensor data on the host and allocates nothing of ``B T S`` bytes (the
+    smallest ``[B, T, S]`` temporary, a bool one). A per-head rate tensor is checked on its first call only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the static checks accept CPU tensors
+    batch, t_len, s_len = 2, 32, 64
+    q, k, v = qkv(batch=batch, heads=3, t_len=t_len, s_len=s_len)
+    key_padding = padding_causal_mask(batch, t_len, s_len)[:, 0, -1, :] if padding else None  # (B, S)
+    rates = torch.tensor([0.2, 0.5, 0.8]) if rate == "per-head" else rate
+    arguments = (q, k, v, None, None, key_padding, offset, rates, 0.0, False, False, "triton")
+    dispatch._kernel_plan(*arguments)  # the first call may check a rate tensor's range
+    with DeviceTraffic(batch * t_len * s_len, (q, k, v)) as traffic:
+        plan, reason = dispatch._kernel_plan(*arguments)
+    assert plan is not None, reason
+    assert traffic.host_reads == [] and traffic.large == []
 
 
-def test_split_mask_rejects_per_head_masks() -> None:
-    assert dispatch._split_mask(torch.ones(2, 3, 4, 5, dtype=torch.bool), 2, 4, 5, torch.device("cpu")) == (
-        None,
-        None,
-        None,
-    )
+def test_device_traffic_catches_mask_analysis() -> None:
+    """The counter of the previous test is not blind: re-analysing a materialised ``[B, 1, T, S]`` mask on the
+    host, as the dispatcher used to (comparing it with its last row and reading the verdict), trips both counts."""
+    batch, t_len, s_len = 2, 32, 64
+    valid = padding_causal_mask(batch, t_len, s_len)
+    with DeviceTraffic(batch * t_len * s_len, (valid,)) as traffic:
+        padding = valid[:, 0, -1, :]  # (B, S)
+        is_padding = (valid[:, 0] == padding[:, None, :]).all()  # a (B, T, S) temporary
+        torch.stack([is_padding]).tolist()  # the host read
+    assert traffic.host_reads == ["all", "tolist"] and traffic.large == ["__eq__"]
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+def test_kernel_plan_from_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the plan hands the kernel: causality aligned to the end of the keys, keys that no query sees cut off
+    (a view), a stride-0 key padding for one padding row; a general mask or a bias goes to the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(t_len=5, s_len=9)
+    one_row = torch.ones(1, 9, dtype=torch.bool)
+
+    def plan(**kwargs):
+        arguments = {"valid": None, "bias": None, "key_padding": None, "causal_offset": None, **kwargs}
+        return dispatch._kernel_plan(
+            q, k, v, arguments["valid"], arguments["bias"], arguments["key_padding"], arguments["causal_offset"],
+            0.5, 0.0, False, False, "triton",
+        )  # fmt: skip
+
+    (key, value, key_padding, rates, causal), _ = plan(causal_offset=4, key_padding=one_row)
+    assert causal and key is k and value is v and key_padding.shape == (2, 9) and key_padding.stride(0) == 0
+    assert rates.tolist() == [0.5] * 3
+    (key, value, _, _, causal), _ = plan(causal_offset=0)  # top-left: keys 5..8 are seen by no query
+    assert causal and key.shape[2] == value.shape[2] == 5 and key.data_ptr() == k.data_ptr()
+    (key, _, _, _, causal), _ = plan(causal_offset=8)  # every query sees every key
+    assert not causal and key is k
+    for kwargs, message in [
+        ({"valid": torch.ones(5, 9, dtype=torch.bool)}, "general mask"),
+        ({"bias": torch.zeros(5, 9)}, "general mask"),
+        ({"causal_offset": -5}, "0 < T + d <= S"),
+    ]:
+        result, reason = plan(**kwargs)
+        assert result is None and message in reason
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+def test_kernel_with_a_top_left_causal_offset_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-left causality with more keys than queries (a static cache's prefill): the kernel on the keys no query
+    skips gives the reference's output and gradients, and zero gradients to the keys it cut off."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (x.requires_grad_() for x in qkv(t_len=6, s_len=11))
+    key_padding = padding_causal_mask(2, 6, 11)[:, 0, -1, :]
+    grad = torch.randn(2, 6, 3, 16, generator=torch.Generator().manual_seed(3))
+    results = []
+    for backend in ("triton", "reference"):
+        out, _ = r_softmax_attention(q, k, v, rate=0.5, key_padding=key_padding, causal_offset=0, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected)  # fp32 kernel vs fp32 reference
+    assert results[0][2][:, :, 6:].abs().max() == 0
+
+
+@pytest.mark.parametrize("value", ["0", "1", "", None])
+def test_kernels_override_values(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    if value is None:
+        monkeypatch.delenv(dispatch.KERNELS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.KERNELS_ENV, value)
+    assert dispatch.kernels_override() == (value or None)
+
+
+def test_kernels_override_rejects_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dispatch.KERNELS_ENV, "yes")
+    with pytest.raises(ValueError, match="HF_SPARSE_ATTN_KERNELS must be unset, '0'"):
+        dispatch.kernels_override()
 
 
 def test_triton_backend_refuses_what_it_cannot_run() -> None:
@@ -181,28 +303,26 @@ def test_bias_is_added_to_the_scaled_scores() -> None:
         ({"bias": torch.zeros(5, 7, dtype=torch.long)}, TypeError, "bias must be None or a floating-point tensor"),
         ({"bias": torch.zeros(5, 7, dtype=torch.bool)}, TypeError, "bias must be None or a floating-point tensor"),
         ({"bias": torch.zeros(3, 1, 5, 7)}, ValueError, r"bias of shape \(3, 1, 5, 7\) does not broadcast"),
+        ({"key_padding": torch.ones(2, 7)}, TypeError, "key_padding must be None or a bool tensor"),
+        ({"key_padding": torch.ones(2, 1, 7, dtype=torch.bool)}, ValueError, r"key_padding must have shape \[B, S\]"),
+        ({"key_padding": torch.ones(3, 7, dtype=torch.bool)}, ValueError, r"= \(2, 7\) \(or \[1, S\]\); got \(3, 7\)"),
+        ({"causal_offset": True}, TypeError, "causal_offset must be None"),
+        ({"causal_offset": 1.0}, TypeError, "causal_offset must be None"),
     ],
-    ids=["valid-float", "valid-shape", "bias-int", "bias-bool", "bias-shape"],
+    ids=[
+        "valid-float",
+        "valid-shape",
+        "bias-int",
+        "bias-bool",
+        "bias-shape",
+        "padding-float",
+        "padding-3d",
+        "padding-batch",
+        "offset-bool",
+        "offset-float",
+    ],
 )
 def test_bad_masks_raise(kwargs: dict, error: type[Exception], match: str) -> None:
     q, k, v = qkv()
     with pytest.raises(error, match=match):
         r_softmax_attention(q, k, v, rate=0.5, **kwargs)
-
-
-@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize(
-    ("bias_at_valid", "kernel"), [(0.0, True), (-1.0, False), (float("nan"), False)], ids=["zero", "bias", "nan"]
-)
-def test_kernel_takes_an_additive_mask_only_without_biases(
-    monkeypatch: pytest.MonkeyPatch, bias_at_valid: float, kernel: bool
-) -> None:
-    """An additive mask that is 0 at every valid key is a plain mask (kernel); a bias or a NaN needs the reference,
-    which neither drops the bias nor hides the NaN."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the static checks accept CPU tensors
-    q, k, v = qkv()
-    valid = padding_causal_mask(2, 5, 7)
-    bias = torch.full(valid.shape, bias_at_valid).masked_fill(~valid, torch.finfo(torch.float32).min)
-    plan, reason = dispatch._kernel_plan(q, k, v, valid, 0.5, 0.0, False, False, "triton", bias)
-    assert (plan is not None) == kernel
-    assert kernel or "biases" in reason
