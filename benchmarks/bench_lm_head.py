@@ -10,8 +10,10 @@ Providers, each giving the mean NLL of random labels from hidden states ``[T, d]
 - ``fused_softmax``, ``fused_sigsoftmax``, ``fused_mos``, ``fused_moss``, ``fused_plif``: the same heads through
   ``hf_sparse_attn.fused_loss.head_nll`` (the fused, chunked loss: no `[T, V]` tensor).
 
-Each record of a fused provider names its unfused twin (``unfused``) and gives ``time_vs_unfused`` (median time
-ratio, fused / unfused) and ``peak_vs_unfused`` (peak memory ratio). On CPU the providers run interleaved (one run
+Each record of a fused provider names its unfused twin (``unfused``) and gives ``time_vs_unfused`` (median wall
+time ratio, fused / unfused), ``cpu_time_vs_unfused`` (process CPU time; on CPU), ``peak_vs_unfused`` (profiler
+peak ratio) and ``peak_rss_vs_unfused`` (RSS high-water-mark ratio, Linux CPU runs: a cross-check that also sees
+what the profiler may miss, and memory the C allocator caches). On CPU the providers run interleaved (one run
 of each in turn per repetition) after one profiled run each, whose ``torch.profiler`` memory events give
 ``peak_mem_mb`` (the peak of the bytes allocated during forward + backward, above what existed before); ``cpu_ms``
 is the median process CPU time. On CUDA, ``triton.testing.do_bench`` and the allocator's peak. A case is one
@@ -35,6 +37,7 @@ Smoke run on CPU::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import time
 from collections.abc import Callable
@@ -125,19 +128,38 @@ def unavailable(provider: str, device: torch.device) -> str | None:
     return None
 
 
-def _profiled_run(fn: Callable[[], object], leaves: list[torch.Tensor]) -> tuple[float, float, float]:
-    """(peak MB allocated while ``fn`` runs, wall ms, process CPU ms) from one run under torch.profiler."""
+def _rss_mb(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MB (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field))
+    except (OSError, StopIteration):
+        return None
+
+
+def _profiled_run(fn: Callable[[], object], leaves: list[torch.Tensor]) -> tuple[float, float | None, float, float]:
+    """(peak MB allocated while ``fn`` runs per torch.profiler, peak RSS growth in MB (Linux; the process's
+    high-water mark reset first), wall ms, process CPU ms) from one run. The RSS figure is a cross-check: it also
+    counts memory the C allocator keeps cached, so it is an upper bound."""
     for leaf in leaves:
         leaf.grad = None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: return cached free memory, so reuse cannot hide growth
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM to the current RSS
+        rss_before = _rss_mb("VmRSS")
+    except OSError:
+        rss_before = None
     wall, cpu = time.perf_counter(), time.process_time()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     wall, cpu = (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+    rss_peak = None if rss_before is None else _rss_mb("VmHWM") - rss_before
     current = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
-    return peak / 2**20, wall, cpu
+    return peak / 2**20, rss_peak, wall, cpu
 
 
 def _quantiles(values: list[float]) -> list[float]:
@@ -150,9 +172,14 @@ def measure_cpu(timed: dict[str, tuple[Callable[[], object], list[torch.Tensor]]
     """One profiled run per provider (memory), then ``reps`` interleaved timed runs (one of each in turn)."""
     results = {}
     for provider, (fn, leaves) in timed.items():
-        peak, wall, cpu = _profiled_run(fn, leaves)
-        results[provider] = {"peak": peak, "wall": [wall] if reps == 0 else [], "cpu": [cpu] if reps == 0 else []}
-        print(f"  {provider:>16} profiled: {peak:.1f} MB, {wall:.0f} ms", flush=True)
+        peak, rss, wall, cpu = _profiled_run(fn, leaves)
+        results[provider] = {
+            "peak": peak,
+            "rss": rss,
+            "wall": [wall] if reps == 0 else [],
+            "cpu": [cpu] if reps == 0 else [],
+        }
+        print(f"  {provider:>16} profiled: {peak:.1f} MB (RSS +{rss} MB), {wall:.0f} ms, CPU {cpu:.0f} ms", flush=True)
     for _ in range(reps):
         for provider, (fn, leaves) in timed.items():
             for leaf in leaves:
@@ -183,6 +210,7 @@ def run_case(
             for provider, result in measure_cpu(timed, reps).items():
                 entry = record(provider, mode, shape, dtype, _quantiles(result["wall"]), result["peak"])
                 entry["cpu_ms"] = round(_quantiles(result["cpu"])[0], 4)
+                entry["peak_rss_mb"] = None if result["rss"] is None else round(result["rss"], 2)
                 records.append(entry)
         timed.clear()
     return records
@@ -203,8 +231,11 @@ def add_unfused_ratios(records: list[dict[str, Any]]) -> None:
         entry["unfused"] = UNFUSED[entry["provider"]]
         ok = twin is not None and twin["status"] == "ok" and entry["status"] == "ok"
         entry["time_vs_unfused"] = round(entry["median_ms"] / twin["median_ms"], 3) if ok else None
-        both_peaks = ok and entry["peak_mem_mb"] is not None and twin["peak_mem_mb"]
-        entry["peak_vs_unfused"] = round(entry["peak_mem_mb"] / twin["peak_mem_mb"], 4) if both_peaks else None
+        both_cpu = ok and entry.get("cpu_ms") and twin.get("cpu_ms")
+        entry["cpu_time_vs_unfused"] = round(entry["cpu_ms"] / twin["cpu_ms"], 3) if both_cpu else None
+        for key_mb, key_ratio in (("peak_mem_mb", "peak_vs_unfused"), ("peak_rss_mb", "peak_rss_vs_unfused")):
+            both = ok and entry.get(key_mb) is not None and twin.get(key_mb)
+            entry[key_ratio] = round(entry[key_mb] / twin[key_mb], 4) if both else None
 
 
 def _pairs(providers: list[str]) -> list[list[str]]:

@@ -43,8 +43,8 @@ from hf_sparse_attn.packaged_model import verified_minilm_path
 OP = "patched_forward"
 MODES = ("fwd", "fwdbwd")
 BASELINE = "sdpa"
-#: (provider, mode, limit on median / baseline median): issue 13, item 8
-GOALS = (("rsoftmax-0.5", "fwd", 1.5), ("rsoftmax-0.5", "fwdbwd", 2.0))
+#: (mode, limit on the patched model's median / baseline median): issue 13, item 8 (stated at r = 0.5)
+GOALS = (("fwd", 1.5), ("fwdbwd", 2.0))
 
 
 def build(model_path: str, provider: str, device: torch.device) -> torch.nn.Module:
@@ -118,10 +118,11 @@ def quantiles(times: list[float]) -> list[float]:
     return [round(q, 3) for q in torch.tensor(times).quantile(torch.tensor(QUANTILES)).tolist()]
 
 
-def goal_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def goal_table(records: list[dict[str, Any]], provider: str) -> list[dict[str, Any]]:
+    """Pass/fail of ``provider`` (the patched model) against :data:`GOALS`, for both clocks."""
     by_key = {(r["provider"], r["mode"]): r for r in records}
     goals = []
-    for provider, mode, limit in GOALS:
+    for mode, limit in GOALS:
         record = by_key.get((provider, mode))
         if record is None:
             continue
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     attention_mask[args.batch_size - padded :, args.seq_len * 3 // 4 :] = 0  # the last rows padded by 25%
     batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
-    providers = [BASELINE, "eager", "rsoftmax-none", f"rsoftmax-{args.rate:g}"]
+    patched = f"rsoftmax-{args.rate:g}"
+    providers = [BASELINE, "eager", "rsoftmax-none", patched]
     models = {provider: build(model_path, provider, device) for provider in providers}
     hidden = models[BASELINE].config.hidden_size
     grad = torch.randn(args.batch_size, args.seq_len, hidden, generator=generator).to(device)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     load = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     header = machine_info(device) | {"threads": torch.get_num_threads(), "load_average_1min": load}
     header["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    goals = goal_table(records)
+    goals = goal_table(records, patched)
     path = write_results(OP, header | {"goals": goals}, records, args.out_dir)
     print(format_table(header, records))
     print(f"{'provider':<16}{'mode':<8}{'median_cpu_ms':>14}{'ratio':>8}{'cpu_ratio':>11}")

@@ -134,7 +134,9 @@ FORWARDS: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "eager_softmax": lambda x: torch.softmax(_eager_scores(x), dim=-1) @ x.v,
     "reference": lambda x: r_softmax_attention(x.q, x.k, x.v, x.mask, x.rate, backend="reference")[0],
     "triton": _triton,
-    "dispatch": lambda x: r_softmax_attention(x.q, x.k, x.v, x.model_mask, x.rate)[0],
+    "dispatch": lambda x: r_softmax_attention(  # as the model calls it: T = S, causal offset 0
+        x.q, x.k, x.v, None, x.rate, key_padding=x.key_padding, causal_offset=0 if x.causal else None
+    )[0],
     "entmax": _entmax,
     "adasplash": _adasplash,
 }

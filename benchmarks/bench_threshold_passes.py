@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="smoke run: N = 64, 64 rows, sources gaussian lognormal")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", help="suffix of the results file name (pass_count-NAME-<device>-<date>.json)")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
     if args.small:
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:>28} N{k.shape[2]} r{rate}: mean {mean:.2f} max {max(passes)}", flush=True)
     header["args"] = {key: str(v) if isinstance(v, Path) else v for key, v in vars(args).items()}
     header["goal_met"] = all(r["goal_met"] for r in records)
-    path = write_results(OP, header, records, args.out_dir)
+    path = write_results(f"{OP}-{args.name}" if args.name else OP, header, records, args.out_dir)
     columns = ("source", "N", "rate", "blocks", "mean_passes", "max_passes", "goal_met")
     widths = [max(len(c), *(len(str(r[c])) for r in records)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))

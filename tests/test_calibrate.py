@@ -331,3 +331,34 @@ def test_cli_reads_tsv_columns_and_reports_bad_input(tmp_path, capsys):
             "--output-dir", str(tmp_path / "out")]  # fmt: skip
     assert cli.main(argv) == 2
     assert "has no column 'text'; its columns: ['sentence', 'label']" in capsys.readouterr().err
+
+
+def test_evidence_driver_pairs_each_uniform_run_with_a_calibrated_one(shared_data, tmp_path):
+    from benchmarks.reproduce import calibration, runner
+
+    parser = calibration.parser()
+    runner.add_arguments(parser)
+    args = parser.parse_args(["--data-dir", str(shared_data), "--results-dir", str(tmp_path), "--dry-run"])
+    runs = calibration.build(args)
+    uniform, calibrated = runs[0::2], runs[1::2]
+    assert [(r.table, r.setting) for r in uniform[:1] + calibrated[:1]] == [
+        ("glue", "sst2/r=0.5"),
+        ("calibration", "sst2/calibrated"),
+    ]
+    assert len(runs) == 12  # SST-2 and RTE, 3 seeds, 2 methods
+    for a, b in zip(uniform, calibrated, strict=True):
+        assert (a.seed, a.steps, a.recipe) == (b.seed, b.steps, b.recipe)
+        assert {k: v for k, v in b.config.items() if k not in ("sparsity", "calibration")} == {
+            k: v for k, v in a.config.items() if k != "sparsity"
+        }
+        differing = [i for i, (x, y) in enumerate(zip(a.argv, b.argv, strict=True)) if x != y]
+        assert [a.argv[i - 1] for i in differing] == ["--sparsity"]  # only the rate differs
+    assert not list(tmp_path.rglob("*.json"))  # a dry run computes no map and trains nothing
+
+
+def test_recipes_accept_the_calibrated_map_as_json():
+    from hf_sparse_attn.recipe_setup import parse_sparsity
+
+    rates = search("gpt2").solve(target_sparsity=0.5)
+    assert parse_sparsity(json.dumps(rates)) == list(rates)
+    assert parse_sparsity('{"1": 0.5}') == {"1": 0.5}  # patch_model reads JSON's string keys as layer indices

@@ -89,6 +89,13 @@ def test_glue_driver_writes_one_json_per_run_and_skips_finished_runs(
     assert "skip glue/rte-r0.5-seed0 (done)" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in paths] == stamps
 
+    from benchmarks.reproduce.summarise import render_cards
+
+    (card,) = render_cards(tmp_path / "results", tmp_path / "cards")
+    text = card.read_text()
+    assert card.parent.name == "minilm-rte-r0.5" and f"base_model: {glue.BASE_MODEL}" in text
+    assert "| 0 | r-softmax | 0.5 |" in text and "nyu-mll/glue" in text
+
     assert glue.main([*glue_argv(tiny_bert, shared_data, tmp_path), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "done  glue/rte-r0.5-seed0" in listing and "todo  glue/rte-r0.25-seed0" in listing

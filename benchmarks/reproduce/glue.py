@@ -108,35 +108,13 @@ def build(args: argparse.Namespace) -> list[Run]:
             "sparsity_probe_size": 32,
         }
         argv = [
-            "--model_name_or_path",
-            model_path,
-            "--task_name",
-            task,
-            "--data_dir",
-            str(args.data_dir / "glue"),
-            "--do_train",
-            "--do_eval",
-            "--max_train_samples",
-            str(rows),
-            "--num_train_epochs",
-            str(args.epochs),
-            "--per_device_train_batch_size",
-            str(args.batch_size),
-            "--per_device_eval_batch_size",
-            "128",
-            "--learning_rate",
-            str(args.learning_rate),
-            "--weight_decay",
-            "0.01",
-            "--warmup_steps",
-            str(warmup),
-            "--max_seq_length",
-            str(args.max_seq_length),
-            "--logging_steps",
-            str(max(1, steps // 30)),
-            "--sparsity_probe_size",
-            "32",
-        ]
+            "--model_name_or_path", model_path, "--task_name", task, "--data_dir", str(args.data_dir / "glue"),
+            "--do_train", "--do_eval", "--max_train_samples", str(rows), "--num_train_epochs", str(args.epochs),
+            "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "128",
+            "--learning_rate", str(args.learning_rate), "--weight_decay", "0.01", "--warmup_steps", str(warmup),
+            "--max_seq_length", str(args.max_seq_length), "--logging_steps", str(max(1, steps // 30)),
+            "--sparsity_probe_size", "32"
+        ]  # fmt: skip
         if args.max_eval_samples:
             argv += ["--max_eval_samples", str(args.max_eval_samples)]
         for setting, rate, all_seeds in SETTINGS:

@@ -100,37 +100,13 @@ def build(args: argparse.Namespace) -> list[Run]:
 
     def recipe_argv(corpus: str, epochs: float, learning_rate: float) -> list[str]:
         argv = [
-            "--train_file",
-            data_file(args, corpus, "train"),
-            "--validation_file",
-            data_file(args, corpus, "valid"),
-            "--block_size",
-            str(args.block_size),
-            "--do_train",
-            "--do_eval",
-            "--num_train_epochs",
-            str(epochs),
-            "--per_device_train_batch_size",
-            str(args.batch_size),
-            "--per_device_eval_batch_size",
-            "64",
-            "--learning_rate",
-            str(learning_rate),
-            "--lr_scheduler_type",
-            "cosine",
-            "--warmup_steps",
-            "0.05",
-            "--weight_decay",
-            "0.1",
-            "--logging_steps",
-            "25",
-            "--load_best_model_at_end",
-            "true",
-            "--metric_for_best_model",
-            "eval_perplexity",
-            "--greater_is_better",
-            "false",
-        ]
+            "--train_file", data_file(args, corpus, "train"), "--validation_file", data_file(args, corpus, "valid"),
+            "--block_size", str(args.block_size), "--do_train", "--do_eval", "--num_train_epochs", str(epochs),
+            "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "64",
+            "--learning_rate", str(learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+            "--weight_decay", "0.1", "--logging_steps", "25", "--load_best_model_at_end", "true",
+            "--metric_for_best_model", "eval_perplexity", "--greater_is_better", "false"
+        ]  # fmt: skip
         for option, value in (
             ("--max_train_samples", args.max_train_samples),
             ("--max_eval_samples", args.max_eval_samples),
@@ -150,15 +126,9 @@ def build(args: argparse.Namespace) -> list[Run]:
     def test_eval(corpus: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         test = data_file(args, corpus, "test")  # the recipe needs a training file; it only evaluates here
         argv = [
-            "--train_file",
-            test,
-            "--validation_file",
-            test,
-            "--block_size",
-            str(args.block_size),
-            "--per_device_eval_batch_size",
-            "64",
-        ]
+            "--train_file", test, "--validation_file", test, "--block_size", str(args.block_size),
+            "--per_device_eval_batch_size", "64"
+        ]  # fmt: skip
         if args.max_eval_samples:
             argv += ["--max_eval_samples", str(args.max_eval_samples)]
         return (("test", tuple(argv)),)

@@ -46,18 +46,9 @@ CHECKPOINT_DIR = Path("/tmp/reproduce_ckpts")
 DATA_ENV = "HF_SPARSE_ATTN_DATA"
 #: recipe options every run gets: CPU, no reporting, no progress bars, an epoch checkpoint to resume from
 COMMON_RECIPE_ARGS = (
-    "--use_cpu",
-    "--report_to",
-    "none",
-    "--disable_tqdm",
-    "true",
-    "--save_strategy",
-    "epoch",
-    "--save_total_limit",
-    "1",
-    "--eval_strategy",
-    "epoch",
-)
+    "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "epoch", "--save_total_limit", "1",
+    "--eval_strategy", "epoch",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _kernel_rates(rate: float | torch.Tensor, heads: int, device: torch.device) 
     values = rate.detach().reshape(-1).to(torch.float32)
     if not ((values >= 0) & (values <= 1)).all():
         raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
-    rates = values.expand(heads).to(device, non_blocking=True).contiguous()  # (H,); pageable H2D: no stream sync
+    rates = values.expand(heads).to(device, non_blocking=True).contiguous()  # (H,), once per tensor version
     _KERNEL_RATES[rate] = (key, rates)
     return rates
 
@@ -255,8 +255,9 @@ def _kernel_plan(
         visible = t_len + causal_offset  # keys j >= visible are masked for every query
         if not 0 < visible <= s_len:
             return None, f"causal_offset {causal_offset} with T = {t_len}, S = {s_len}: the kernel needs 0 < T + d <= S"
-        key, value = key[:, :, :visible], value[:, :, :visible]  # views: (B, H, T + d, D)
-        key_padding = None if key_padding is None else key_padding[:, :visible]
+        if visible < s_len:
+            key, value = key[:, :, :visible], value[:, :, :visible]  # views: (B, H, T + d, D)
+            key_padding = None if key_padding is None else key_padding[:, :visible]
     if backend == "auto" and override is None:
         from hf_sparse_attn.kernels import self_check
 

@@ -81,10 +81,15 @@ def compare_with_reference(
     Returns:
         None, or a message naming the case and the tensor that failed (or the exception the kernel raised).
     """
+    device = torch.device(device)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        return _compare(device, dtype, head_dim, kernel or _kernel_function(), seed)
+
+
+def _compare(device: torch.device, dtype: torch.dtype, head_dim: int, kernel: KernelFunction, seed: int) -> str | None:
+    """:func:`compare_with_reference` inside its context (gradients on, no inference mode, no autocast)."""
     from hf_sparse_attn.kernels.dispatch import r_softmax_attention
 
-    device = torch.device(device)
-    kernel = kernel or _kernel_function()
     generator = torch.Generator().manual_seed(seed)
     shape = (BATCH, HEADS, LENGTH, head_dim)
     base = [torch.randn(shape, generator=generator) for _ in range(3)]  # q, k, v
@@ -94,35 +99,33 @@ def compare_with_reference(
     padding = padding.to(device)
     rates = torch.tensor(RATES, dtype=torch.float32).to(device)
     scale = head_dim**-0.5
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        low = [x.to(device, dtype).requires_grad_() for x in base]  # the inputs as the kernel sees them
-        exact = [x.detach().double().requires_grad_() for x in low]  # the same values in float64
-        for causal in (False, True):
-            case = "causal + key padding" if causal else "key padding"
-            offset = 0 if causal else None
+    low = [x.to(device, dtype).requires_grad_() for x in base]  # the inputs as the kernel sees them
+    exact = [x.detach().double().requires_grad_() for x in low]  # the same values in float64
+    for causal in (False, True):
+        case = "causal + key padding" if causal else "key padding"
+        offset = 0 if causal else None
 
-            def reference(inputs: list[torch.Tensor], offset: int | None = offset) -> torch.Tensor:
-                out, _ = r_softmax_attention(
-                    *inputs, None, rates, scale, EPS, key_padding=padding, causal_offset=offset, backend="reference"
-                )
-                return out
+        def reference(inputs: list[torch.Tensor], offset: int | None = offset) -> torch.Tensor:
+            out, _ = r_softmax_attention(
+                *inputs, None, rates, scale, EPS, key_padding=padding, causal_offset=offset, backend="reference"
+            )
+            return out
 
-            try:
-                got = _run(lambda c=causal: kernel(*low, padding, rates, c, scale, EPS), low, grad)
-            except Exception as error:  # noqa: BLE001 - any failure of the kernel means "do not use it"
-                return f"{case}: the kernel raised {type(error).__name__}: {error}"
-            plain = _run(lambda: reference(low), low, grad)
-            truth = _run(lambda: reference(exact), exact, grad)
-            for name, value, plain_value, true in zip(["o", "dq", "dk", "dv"], got, plain, truth, strict=True):
-                if value is None or value.shape != true.shape:
-                    return f"{case}: {name} is missing or has the wrong shape"
-                error = (value.double() - true).abs().max().item()
-                allowed = (
-                    2 * (plain_value.double() - true).abs().max().item()
-                    + torch.finfo(dtype).eps * true.abs().max().item()
-                )
-                if not error <= allowed:  # also catches NaN
-                    return f"{case}: {name} differs from the float64 reference by {error:.3g} (allowed {allowed:.3g})"
+        try:
+            got = _run(lambda c=causal: kernel(*low, padding, rates, c, scale, EPS), low, grad)
+        except Exception as error:  # noqa: BLE001 - any failure of the kernel means "do not use it"
+            return f"{case}: the kernel raised {type(error).__name__}: {error}"
+        plain = _run(lambda: reference(low), low, grad)
+        truth = _run(lambda: reference(exact), exact, grad)
+        for name, value, plain_value, true in zip(["o", "dq", "dk", "dv"], got, plain, truth, strict=True):
+            if value is None or value.shape != true.shape:
+                return f"{case}: {name} is missing or has the wrong shape"
+            error = (value.double() - true).abs().max().item()
+            allowed = (
+                2 * (plain_value.double() - true).abs().max().item() + torch.finfo(dtype).eps * true.abs().max().item()
+            )
+            if not error <= allowed:  # also catches NaN
+                return f"{case}: {name} differs from the float64 reference by {error:.3g} (allowed {allowed:.3g})"
     return None
 
 

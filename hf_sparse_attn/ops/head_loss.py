@@ -25,9 +25,9 @@ head           log P(. | h)                        dL/dz for one token (u = pre-
 :mod:`hf_sparse_attn.ops.monotonic`.) The tokens are processed in chunks of C rows: each chunk's `[C, V]` logits
 are computed, turned into the chunk's loss and dL/dz in place, and dL/dz is folded into dL/dh (rows of `[N, D]`),
 dL/dW (`[V, D]`, float32) and the head parameters' gradients before the next chunk starts (Liger's fused linear
-cross-entropy does the same for softmax). So the forward pass does the backward's work, backward only scales the
-stored gradients by the upstream scalar, and peak memory is the gradients of the inputs plus a few `[C, V]`
-buffers, independent of N (and of K for the mixtures, whose chunk shrinks as K grows).
+cross-entropy does the same for softmax). So the forward pass does the backward's work, backward only hands
+over the stored gradients (scaled by the upstream scalar; once per forward), and peak memory is the gradients of the
+inputs plus a few `[C, V]` buffers, independent of N (and of K for the mixtures, whose chunk shrinks as K grows).
 
 PLIF's parameter gradients are sums over segments. They are accumulated chunk by chunk into one `[num_chunks, K-1]`
 buffer and reduced once, and within a chunk on CUDA by a sort and a scan instead of ``index_add_``'s atomics, so
@@ -170,18 +170,26 @@ class _FusedHeadLoss(torch.autograd.Function):
         if spec.reduction == "mean":  # the mean over zero tokens is NaN, as in F.cross_entropy
             total = torch.where(count > 0, total, torch.full_like(total, float("nan")))
         grads = (grad_hidden, grad_weight, grad_bias, *(g.sum(0) for g in grad_params))
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
-        ctx.present = [g is not None for g in grads]
-        ctx.input_dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias, *params)]
+        inputs = (hidden, weight, bias, *params)
+        # kept on ctx rather than saved, so that backward can hand them over without a copy (see backward)
+        ctx.grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)]
         return total.float() if dtype != torch.float64 else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grads = [
-            (g * grad_loss.to(g.dtype)).to(dtype) if present else None
-            for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.input_dtypes, strict=True)
-        ]
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "the fused head loss computes its gradients in the forward pass and handed them over in the first "
+                "backward pass; compute the loss again for another backward pass"
+            )
+        if bool(grad_loss == 1):  # loss.backward(): one host sync
+            # the stored gradients are the answer; with no other reference left, autograd takes them as .grad
+            # without a copy (dL/dW is the largest tensor here, `[V, D]`)
+            ctx.grads = None
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
         return grads[0], grads[1], grads[2], None, None, *grads[3:]
 
 
@@ -217,17 +225,20 @@ def _fold_linear(grad_z, inputs, weight_c, grad_weight, grad_bias):
 
 
 def _mixture_chunk(spec, logits, hidden, labels, weights, weight_c, params, grad_weight, grad_bias, grad_params):
-    """MoS / MoSS on one chunk: two passes over the K stored component logits (see the module table)."""
+    """MoS / MoSS on one chunk: the K components' logits `[K, C, V]` from one matmul, two passes over them (see the
+    module table), and one matmul each for dL/dfeatures and dL/dW."""
     dtype = weight_c.dtype
     sigsoftmax = spec.head == "moss"
     with torch.enable_grad():
         leaf = hidden.detach().requires_grad_(grad_weight is not None)
         log_prior, features = spec.mixture(leaf)  # [C, K], [C, K, D]
-    num_components = features.shape[1]
-    z = [logits(features[:, k].detach()) for k in range(num_components)]  # K x [C, V]
+    rows, num_components, width = features.shape
+    flat_features = features.detach().transpose(0, 1).reshape(num_components * rows, width)  # [K*C, D]
+    z = logits(flat_features).view(num_components, rows, -1)  # [K, C, V]
+    log_prior_c = log_prior.detach().to(dtype)
     log_prob = None  # log P, the running logaddexp over components
     for k in range(num_components):
-        term = _log_component(z[k], sigsoftmax).add_(log_prior[:, k, None].detach().to(dtype))
+        term = _log_component(z[k], sigsoftmax).add_(log_prior_c[:, k, None])
         log_prob = term if log_prob is None else torch.logaddexp(log_prob, term, out=log_prob)
     eps, vocab = spec.label_smoothing, log_prob.shape[1]
     loss_rows = -(1.0 - eps) * log_prob.gather(1, labels[:, None]).squeeze(1)
@@ -237,11 +248,10 @@ def _mixture_chunk(spec, logits, hidden, labels, weights, weight_c, params, grad
     if grad_weight is None:
         return loss_rows, None
     grad_prior = torch.empty_like(log_prior, dtype=dtype)  # [C, K]
-    grad_features = torch.empty_like(features, dtype=dtype)  # [C, K, D]
     for k in range(num_components):
         log_f = _log_component(z[k], sigsoftmax)
         # G_k = -q r_k with r_k = exp(log pi_k + log f_k - log P): -eps/V r_k everywhere, -(1 - eps) r_k more at y
-        big_g = (log_f + log_prior[:, k, None].detach().to(dtype) - log_prob).exp_()  # r_k
+        big_g = (log_f + log_prior_c[:, k, None] - log_prob).exp_()  # r_k
         label_r = big_g.gather(1, labels[:, None])  # [C, 1]
         big_g.mul_(-eps / vocab).scatter_add_(1, labels[:, None], label_r.mul_(eps - 1.0))
         big_g.mul_(weights[:, None])
@@ -250,8 +260,9 @@ def _mixture_chunk(spec, logits, hidden, labels, weights, weight_c, params, grad
         grad_z = big_g.sub_(log_f.exp_().mul_(sum_g[:, None]))  # G_k - f_k sum G_k
         if sigsoftmax:
             grad_z.mul_(z[k].sigmoid_().neg_().add_(2.0))
-        z[k] = None  # free the component's logits
-        grad_features[:, k] = _fold_linear(grad_z, features[:, k].detach(), weight_c, grad_weight, grad_bias)
+        z[k] = grad_z  # the component's logits are no longer needed: dL/dz_k in their place
+    flat_grad = _fold_linear(z.view(num_components * rows, -1), flat_features, weight_c, grad_weight, grad_bias)
+    grad_features = flat_grad.view(num_components, rows, width).transpose(0, 1)  # [C, K, D]
     mixture_params = [p for p in params if p.requires_grad]
     inputs = [leaf, *mixture_params]
     grads = torch.autograd.grad(
@@ -316,8 +327,8 @@ def head_loss(
         label_smoothing (`float`, *optional*, defaults to 0.0): eps in [0, 1].
         reduction (`str`, *optional*, defaults to ``"mean"``): ``"mean"`` over counted tokens (NaN if there are
             none, like ``F.cross_entropy``) or ``"sum"``.
-        chunk_size (`int`, *optional*): tokens per chunk; the default keeps a `[chunk x V]` buffer near 2**22
-            elements (divided by K + 3 for the mixtures, which hold K component logits per chunk).
+        chunk_size (`int`, *optional*): tokens per chunk; the default keeps the chunk's logits (`[chunk x V]`, or
+            `[K, chunk, V]` for the mixtures) near 2**22 elements.
         rows (`RowKernel`, *optional*): the per-chunk row work; :func:`row_loss_and_grad` (the reference) unless a
             dispatcher passes a kernel.
 
@@ -337,7 +348,7 @@ def head_loss(
     _check_arguments(hidden, weight, labels, bias, head, theta, knot_range, mixture, label_smoothing, reduction)
     vocab = weight.shape[0]
     if chunk_size is None:
-        per_token = vocab * (mixture_components(mixture, hidden) + 3 if head in ("mos", "moss") else 1)
+        per_token = vocab * (mixture_components(mixture, hidden) if head in ("mos", "moss") else 1)
         chunk_size = max(1, CHUNK_ELEMENTS // per_token)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")

@@ -118,8 +118,9 @@ def _sort_rows(scores: torch.Tensor) -> torch.Tensor:
     On CPU, numpy's sort: it vectorises (x86-simd-sort with AVX2/AVX-512, Highway's vqsort on Arm) and sorted the
     ``[8, 12, 128, 128]`` attention scores of a MiniLM layer ~30x faster than ``torch.sort``, whose per-row sort
     took ~45% of the patched model's forward (docs/r_softmax.md, "Speed on CPU"). Sorting is exact, so both give the
-    same values: NaN last, ``-0.0`` and ``0.0`` tied. ``torch.sort`` everywhere else: other devices, tensor
-    subclasses (e.g. the fake tensors of tracing) and under ``torch.compile``.
+    same values: NaN last, ``-0.0`` and ``0.0`` tied. numpy sorts on one thread (torch.sort splits rows across
+    threads, ~30x slower per thread). ``torch.sort`` everywhere else: other devices, tensor subclasses (e.g. the
+    fake tensors of tracing) and under ``torch.compile``.
     """
     if scores.device.type == "cpu" and type(scores) is torch.Tensor and not torch.compiler.is_compiling():
         ordered = scores.clone(memory_format=torch.contiguous_format)  # torch's memory, sorted in place by numpy

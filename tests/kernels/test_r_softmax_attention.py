@@ -227,14 +227,15 @@ def test_matches_reference_on_gpu(kind: str, head_dim: int, dtype: torch.dtype) 
 
 
 def test_kernel_module_is_used_through_the_dispatcher() -> None:
-    """``backend='triton'`` runs this kernel (on CPU through the interpreter) on a transformers-style bool mask and
-    on q, k, v laid out as transformers makes them: ``[B, T, H, D]`` projections viewed as ``[B, H, T, D]``."""
+    """``backend='triton'`` runs this kernel (on CPU through the interpreter) on the mask structure the model passes
+    (key padding + causal offset ``S - T``) and on q, k, v laid out as transformers makes them: ``[B, T, H, D]``
+    projections viewed as ``[B, H, T, D]``; the reference gets the same mask materialised."""
     generator = torch.Generator().manual_seed(2)
     leaves = [torch.randn(2, n, 2, 16, generator=generator).to(DEVICE).requires_grad_() for n in (20, 36, 36)]
     q, k, v = (leaf.transpose(1, 2) for leaf in leaves)  # (B, H, T or S, D), not contiguous
-    _, valid = make_masks(2, 20, 36, "causal-padding")
+    key_padding, valid = make_masks(2, 20, 36, "causal-padding")
     rate = torch.tensor([0.3, 0.7], device=DEVICE)
-    out, weights = r_softmax_attention(q, k, v, valid, rate, backend="triton")
+    out, weights = r_softmax_attention(q, k, v, None, rate, key_padding=key_padding, causal_offset=16, backend="triton")
     expected, _ = r_softmax_attention(q, k, v, valid, rate, backend="reference")
     assert weights is None
     assert out.grad_fn is not None and "RSoftmaxAttentionFunction" in type(out.grad_fn).__name__

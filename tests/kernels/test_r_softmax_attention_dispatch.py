@@ -1,6 +1,8 @@
-"""The r-softmax attention dispatcher: reference path, kernel eligibility, validation, and no hard Triton dependency.
+"""The r-softmax attention dispatcher: reference path, kernel eligibility, validation, and no hard Triton dependency;
+the mask structure (key padding + causal offset) it takes instead of materialised masks, the structure transformers'
+masks carry from our mask builder, and a kernel-path decision without host syncs or ``[B, T, S]`` temporaries.
 
-Runs without Triton; the kernel path itself is tested in ``test_r_softmax_attention.py``.
+Runs without Triton (tests of the kernel plan skip); the kernel itself is tested in ``test_r_softmax_attention.py``.
 """
 
 from __future__ import annotations
@@ -8,13 +10,28 @@ from __future__ import annotations
 import doctest
 import importlib
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
+import transformers
+from conftest import padded_batch, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 import hf_sparse_attn
 import hf_sparse_attn.kernels.dispatch as dispatch
+from hf_sparse_attn.architectures import self_attention_modules
+from hf_sparse_attn.attention import (
+    ATTENTION_ALIAS,
+    LAYOUT_ATTR,
+    RATE_ATTR,
+    mask_structure,
+    returning_weights,
+    sparse_attention_mask,
+)
 from hf_sparse_attn.kernels import kernel_unsupported_reason, r_softmax_attention
 from hf_sparse_attn.ops.r_softmax import r_softmax
 
@@ -136,10 +153,11 @@ class DeviceTraffic(TorchFunctionMode):
         return out
 
 
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize(
     ("padding", "offset", "rate"),
-    [(True, None, 0.5), (True, 32, 0.5), (False, 32, "per-head"), (True, 0, "per-head"), (True, 40, 0.5)],
-    ids=["padding", "padding-causal", "causal-per-head", "top-left-sliced", "offset-past-the-end"],
+    [(True, None, 0.5), (True, 32, 0.5), (False, 32, "per-head"), (True, 0, "per-head"), (True, 63, 0.5)],
+    ids=["padding", "padding-causal", "causal-per-head", "top-left-sliced", "offset-sees-all"],
 )
 def test_kernel_plan_makes_no_sync_and_no_scores_sized_temporary(
     monkeypatch: pytest.MonkeyPatch, padding: bool, offset: int | None, rate: float | str
@@ -149,7 +167,7 @@ def test_kernel_plan_makes_no_sync_and_no_scores_sized_temporary(
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the static checks accept CPU tensors
     batch, t_len, s_len = 2, 32, 64
     q, k, v = qkv(batch=batch, heads=3, t_len=t_len, s_len=s_len)
-    key_padding = padding_causal_mask(batch, t_len, s_len)[:, 0, -1, :] if padding else None  # (B, S)
+    key_padding = padding_causal_mask(batch, 1, s_len)[:, 0, 0, :].clone() if padding else None  # (B, S)
     rates = torch.tensor([0.2, 0.5, 0.8]) if rate == "per-head" else rate
     arguments = (q, k, v, None, None, key_padding, offset, rates, 0.0, False, False, "triton")
     dispatch._kernel_plan(*arguments)  # the first call may check a rate tensor's range
@@ -157,6 +175,26 @@ def test_kernel_plan_makes_no_sync_and_no_scores_sized_temporary(
         plan, reason = dispatch._kernel_plan(*arguments)
     assert plan is not None, reason
     assert traffic.host_reads == [] and traffic.large == []
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+def test_kernel_rates_follow_in_place_changes_of_a_rate_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-tensor cache of checked rates is keyed on the tensor's in-place version: a changed rate is used, and
+    re-checked."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv()
+    rates = torch.tensor([0.2, 0.5, 0.8])
+
+    def planned_rates() -> list[float]:
+        plan, reason = dispatch._kernel_plan(q, k, v, None, None, None, None, rates, 0.0, False, False, "triton")
+        return plan[3].tolist()
+
+    assert planned_rates() == pytest.approx([0.2, 0.5, 0.8])
+    rates[0] = 1.5
+    with pytest.raises(ValueError, match=r"rate must lie in \[0, 1\]"):
+        planned_rates()
+    rates[0] = 0.3
+    assert planned_rates() == pytest.approx([0.3, 0.5, 0.8])
 
 
 def test_device_traffic_catches_mask_analysis() -> None:
@@ -326,3 +364,123 @@ def test_bad_masks_raise(kwargs: dict, error: type[Exception], match: str) -> No
     q, k, v = qkv()
     with pytest.raises(error, match=match):
         r_softmax_attention(q, k, v, rate=0.5, **kwargs)
+
+
+# The structure transformers hands over: masks from our builder carry (key padding, causal offset)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    q_length=st.integers(1, 6),
+    kv_length=st.integers(1, 9),
+    kv_offset=st.integers(0, 3),
+    q_offset=st.integers(0, 12),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    tensor_offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_mask_builder_records_exactly_the_mask_it_builds(
+    batch, q_length, kv_length, kv_offset, q_offset, causal, padded, tensor_offset, seed
+) -> None:
+    """For any lengths, offsets (a static cache passes the query offset as a tensor) and 2-D padding (possibly
+    shorter than the keys, as transformers allows), the recorded structure describes the built mask entry for
+    entry, and recording it reads no tensor data. Only a tensor offset with several causal queries (which would
+    need a sync) records nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    width = kv_offset + kv_length - (seed % 2)  # sometimes one short: sdpa_mask pads it
+    padding = torch.rand(batch, width, generator=generator) < 0.7 if padded else None
+    arguments = {
+        "batch_size": batch, "q_length": q_length, "kv_length": kv_length, "kv_offset": kv_offset,
+        "q_offset": torch.tensor(q_offset) if tensor_offset else q_offset, "attention_mask": padding,
+        "mask_function": causal_mask_function if causal else bidirectional_mask_function,
+        "allow_is_causal_skip": False,
+    }  # fmt: skip
+    with DeviceTraffic(1 << 62, ()) as traffic:
+        mask = sparse_attention_mask(**arguments)
+    assert traffic.host_reads == []
+    expected = sdpa_mask(**arguments)
+    assert torch.equal(mask, expected)
+    layout = getattr(mask, LAYOUT_ATTR, None)
+    if causal and tensor_offset and q_length > 1:
+        assert layout is None
+        return
+    key_padding, offset = layout
+    described = dispatch.structured_mask(key_padding, offset, q_length, kv_length, torch.device("cpu"))
+    described = torch.ones_like(mask) if described is None else described.expand_as(mask)
+    assert torch.equal(described, mask)
+
+
+def attention_masks_seen(model: torch.nn.Module) -> tuple[list, Callable[[], object]]:
+    """``(seen, remove)``: every call of a self-attention module appends ``(module, attention_mask, T)``."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append((module, kwargs.get("attention_mask"), hidden.shape[1]))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self_attention_modules(model)]
+    return seen, lambda: [handle.remove() for handle in handles]
+
+
+@pytest.mark.parametrize(
+    "case", ["bert-padded", "gpt2-padded", "gpt2-generate", "gpt2-generate-static"], ids=lambda case: case
+)
+def test_patched_models_hand_r_softmax_layers_a_known_structure(case: str) -> None:
+    """In real models every r-softmax layer call gets a mask whose structure is known without reading it (prefill,
+    decoding with a dynamic cache, a static cache's prefill and decoding), and that structure is the mask."""
+    model_class = transformers.BertModel if case.startswith("bert") else transformers.GPT2LMHeadModel
+    model = hf_sparse_attn.patch_model(tiny_model(model_class), sparsity=0.5)
+    batch = padded_batch(batch_size=2, length=6)
+    if case.startswith("gpt2-generate"):  # generation pads on the left
+        batch["attention_mask"] = batch["attention_mask"].flip(-1)
+    seen, remove = attention_masks_seen(model)
+    try:
+        with torch.no_grad():
+            if case.startswith("gpt2-generate"):
+                cache = {"cache_implementation": "static"} if case.endswith("static") else {}
+                model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=2, **cache)
+            else:
+                model(**batch)
+    finally:
+        remove()
+    assert {t_len for _, _, t_len in seen} == ({6, 1} if "generate" in case else {6})
+    for module, mask, t_len in seen:
+        s_len = t_len if mask is None else mask.shape[-1]
+        structure = mask_structure(mask, module, 2, t_len, s_len)
+        assert structure is not None
+        if mask is not None:
+            described = dispatch.structured_mask(*structure, t_len, s_len, torch.device("cpu"))
+            assert torch.equal(described.expand_as(mask), mask)
+
+
+def test_a_users_4d_mask_takes_the_general_path() -> None:
+    """A mask transformers did not build (here the user's own 4-D mask) has no recorded structure."""
+    module = torch.nn.Module()
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    assert mask_structure(mask, module, 2, 4, 4) is None
+    assert mask_structure(None, module, 2, 4, 4) == (None, 0)  # modules are causal unless they say otherwise
+    module.is_causal = False
+    assert mask_structure(None, module, 2, 4, 4) == (None, None)
+
+
+def test_returning_weights_covers_models_loaded_by_the_registered_name(tmp_path) -> None:
+    """A model loaded with ``attn_implementation="r_softmax"`` alone has no rate attributes on its modules; its
+    layers (here the softmax layer 0, which returns no weights otherwise) still return weights in the block."""
+    hf_sparse_attn.patch_model(tiny_model(transformers.BertModel), sparsity=[None, 0.5]).save_pretrained(tmp_path)
+    model = transformers.BertModel.from_pretrained(tmp_path, attn_implementation=ATTENTION_ALIAS).eval()
+    layer = self_attention_modules(model)[0]
+    assert not hasattr(layer, RATE_ATTR)
+    weights = []
+    handle = layer.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+    try:
+        with torch.no_grad():
+            model(**padded_batch())
+            with returning_weights(model):
+                model(**padded_batch())
+    finally:
+        handle.remove()
+    assert weights[0] is None
+    assert weights[1].shape == (3, 4, 12, 12)
+    torch.testing.assert_close(weights[1].sum(-1), torch.ones(3, 4, 12))

@@ -108,10 +108,18 @@ def test_gradcheck_float64(head):
     tensors, labels = make_inputs(head, n=5, v=7)
     names = list(tensors)
 
-    def loss(*leaves):
-        return fused(head, dict(zip(names, leaves, strict=True)), labels, label_smoothing=0.1, chunk_size=2)
+    def loss(*leaves):  # x 0.5: an upstream gradient != 1 keeps the stored gradients for gradcheck's repeated VJPs
+        return 0.5 * fused(head, dict(zip(names, leaves, strict=True)), labels, label_smoothing=0.1, chunk_size=2)
 
     assert torch.autograd.gradcheck(loss, tuple(tensors.values()))
+
+
+def test_a_second_backward_needs_a_new_forward():
+    tensors, labels = make_inputs("softmax")
+    loss = fused("softmax", tensors, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="compute the loss again"):
+        loss.backward()
 
 
 def test_without_bias_and_with_leading_dims():

@@ -113,6 +113,24 @@ def test_margin_is_bit_for_bit_torch_quantile_on_padded_attention_scores():
         assert margin[b, h, t, 0] == expected
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.integers(-40, 40), st.booleans()), min_size=1, max_size=40),
+    r=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_property_margin_is_torch_quantile_bit_for_bit(pairs, r, dtype):
+    """On rows with many ties and random masks, the threshold is torch.quantile's on the valid entries exactly."""
+    x = torch.tensor([value / 8 for value, _ in pairs], dtype=dtype)
+    mask = torch.tensor([valid for _, valid in pairs])
+    margin = r_softmax_margin(x, r, mask=mask)
+    if not mask.any():
+        assert margin == EPS
+        return
+    valid = x[mask]
+    assert margin == valid.max() - torch.quantile(valid, r) + EPS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 17, 128, 1000])
 def test_row_sort_equals_torch_sort(n, dtype):
@@ -125,6 +143,23 @@ def test_row_sort_equals_torch_sort(n, dtype):
     x = torch.where(torch.rand(x.shape, generator=generator) < 0.2, chosen, x)
     torch.testing.assert_close(_sort_rows(x), x.sort(dim=-1).values, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(_sort_rows(x.T), x.T.sort(dim=-1).values, rtol=0, atol=0, equal_nan=True)
+
+
+class _Scores(torch.Tensor):
+    """A plain tensor subclass: ``_sort_rows`` hands subclasses (like fake tensors) to torch.sort, not numpy."""
+
+
+def test_the_torch_sort_path_gives_the_same_result():
+    """Off CPU (and for tensor subclasses) the quantile sorts with torch.sort; a subclass runs that path here."""
+    generator = torch.Generator().manual_seed(13)
+    x = (2 * torch.randn(3, 4, 33, generator=generator)).round()  # ties
+    mask = torch.rand(3, 1, 33, generator=generator) < 0.7
+    rates = torch.rand(1, 4, 1, generator=generator)
+    out = r_softmax(x.as_subclass(_Scores), rates, mask=mask)
+    margin = r_softmax_margin(x.as_subclass(_Scores), rates, mask=mask)
+    assert type(out) is _Scores and type(margin) is _Scores
+    assert torch.equal(out.as_subclass(torch.Tensor), r_softmax(x, rates, mask=mask))
+    assert torch.equal(margin.as_subclass(torch.Tensor), r_softmax_margin(x, rates, mask=mask))
 
 
 # ---------------------------------------------------------------------------------------------------------------
