@@ -148,7 +148,7 @@ def _profiled_run(fn: Callable[[], object], leaves: list[torch.Tensor]) -> tuple
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # reset VmHWM to the current RSS
         rss_before = _rss_mb("VmRSS")
-    except OSError:
+    except (OSError, AttributeError):  # not Linux with glibc
         rss_before = None
     wall, cpu = time.perf_counter(), time.process_time()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

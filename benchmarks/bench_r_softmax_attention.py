@@ -3,8 +3,8 @@
 Providers (STYLE §6): ``sdpa`` (``F.scaled_dot_product_attention``, the baseline), ``eager_softmax`` (matmul,
 masked softmax, matmul), ``reference`` (the dispatcher's reference path: ``hf_sparse_attn.ops.r_softmax`` on the
 materialised scores), ``triton`` (our flash-style kernel, ``RSoftmaxAttentionFunction``, called directly),
-``dispatch`` (``hf_sparse_attn.kernels.r_softmax_attention`` with the ``[B, 1, T, S]`` bool mask transformers
-builds, as the patched models call it: the kernel on CUDA, dispatcher costs included), ``entmax`` (eager
+``dispatch`` (``hf_sparse_attn.kernels.r_softmax_attention`` with the mask given as key padding and causal offset,
+as the patched models call it: the kernel on CUDA after its self-check, dispatcher costs included), ``entmax`` (eager
 entmax-1.5 from the ``entmax`` package) and ``adasplash`` (AdaSplash's Triton entmax-1.5, if installed; its version
 and path go into the JSON header). Masks: ``none`` (SDPA keeps its flash backend), ``padded`` (non-causal, batch
 row b keeps a deterministic length in [N/2, N]) and ``causal``. Modes: ``infer`` (forward under ``no_grad``),
@@ -62,8 +62,8 @@ GOALS = (("fwdbwd", "time", 2.0), ("infer", "time", 1.5), ("fwdbwd", "memory", 1
 @dataclass
 class Inputs:
     """One case's tensors, shared by every provider: q, k, v ``[B, H, N, D]`` (requiring grad), the key lengths
-    ``[B]``, the key padding ``[B, N]`` (None unless padded), the bool mask ``[B, 1, 1 or N, N]`` (None for
-    ``none``) and the ``[B, 1, N, N]`` mask transformers would pass to the dispatcher."""
+    ``[B]``, the key padding ``[B, N]`` (None unless padded) and the bool mask ``[B, 1, 1 or N, N]`` (None for
+    ``none``)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -71,7 +71,6 @@ class Inputs:
     lengths: torch.Tensor
     key_padding: torch.Tensor | None
     mask: torch.Tensor | None
-    model_mask: torch.Tensor | None
     causal: bool
     rate: float
 
@@ -85,17 +84,15 @@ def setup(shape: dict[str, Any], dtype: torch.dtype, device: torch.device, rate:
     )
     causal = shape["mask"] == "causal"
     lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
-    key_padding = mask = model_mask = None
+    key_padding = mask = None
     if causal:
         rows = torch.arange(length, device=device)
         mask = (rows[None, :] <= rows[:, None])[None, None]  # (1, 1, N, N)
-        model_mask = mask.expand(batch, 1, length, length)
     elif shape["mask"] == "padded":  # lengths spread evenly over [N/2, N]
         lengths = torch.linspace(length // 2, length, batch, device=device).round().to(torch.int32)
         key_padding = torch.arange(length, device=device)[None, :] < lengths[:, None]  # (B, N)
         mask = key_padding[:, None, None, :]  # (B, 1, 1, N)
-        model_mask = mask.expand(batch, 1, length, length)
-    return Inputs(q, k, v, lengths, key_padding, mask, model_mask, causal, rate)
+    return Inputs(q, k, v, lengths, key_padding, mask, causal, rate)
 
 
 def _eager_scores(inputs: Inputs) -> torch.Tensor:

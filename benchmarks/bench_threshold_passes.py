@@ -107,7 +107,9 @@ def gpt2_scores(length: int, device: torch.device, steps: int) -> Iterator[tuple
 
     text = gzip.open(DATA_DIR / "wikitext-2" / "wiki.train.tokens.gz", "rt").read()
     data = torch.tensor(list(text.encode()[: 2_000_000]), dtype=torch.long)
-    config = GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=256, n_positions=max(length, 128))
+    config = GPT2Config(
+        n_layer=4, n_head=4, n_embd=128, vocab_size=256, n_positions=max(length, 128), bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
