@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import hf_sparse_attn
 from benchmarks.common import QUANTILES, RESULTS_DIR, add_speedups, format_table, machine_info, write_results
-from hf_sparse_attn.packaged_model import verified_minilm_path
+from hf_sparse_attn.commands.packaged_model import verified_minilm_path
 
 OP = "patched_forward"
 MODES = ("fwd", "fwdbwd")

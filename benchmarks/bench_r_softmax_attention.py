@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(header, records))
     for line in header["goals"]:
         shape = "-".join(str(v) if isinstance(v, str) else f"{k}{v}" for k, v in line["shape"].items())
-        print(f"goal {line['goal']:<32} {shape:<36} {line['dtype']}: {line['ratio']:.2f} {'PASS' if line['met'] else 'FAIL'}")
+        verdict = "PASS" if line["met"] else "FAIL"
+        print(f"goal {line['goal']:<32} {shape:<36} {line['dtype']}: {line['ratio']:.2f} {verdict}")
     print(f"wrote {path}")
     return 0
 

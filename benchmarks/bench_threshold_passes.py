@@ -61,7 +61,15 @@ def sst2_sentences() -> list[str]:
     return [line.split("\t")[0] for line in lines]
 
 
-def capture_qk(model: torch.nn.Module, inputs: dict, modules: list[tuple[torch.nn.Module, torch.nn.Module]], heads: int):
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, T, H * D]`` projections as contiguous ``[B, H, T, D]``."""
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2).contiguous()  # (B, H, T, D)
+
+
+def capture_qk(
+    model: torch.nn.Module, inputs: dict, modules: list[tuple[torch.nn.Module, torch.nn.Module]], heads: int
+):
     """``[(q, k)]`` per layer, ``[B, H, T, D]``, from forward hooks on the query and key projections."""
     outputs: dict[int, torch.Tensor] = {}
 
@@ -73,20 +81,14 @@ def capture_qk(model: torch.nn.Module, inputs: dict, modules: list[tuple[torch.n
         model(**inputs)
     for handle in handles:
         handle.remove()
-    pairs = []
-    for layer in range(len(modules)):
-        q, k = outputs[2 * layer], outputs[2 * layer + 1]
-        batch, length, width = q.shape
-        split = lambda x: x.view(batch, length, heads, width // heads).transpose(1, 2)  # noqa: E731 (B, H, T, D)
-        pairs.append((split(q).contiguous(), split(k).contiguous()))
-    return pairs
+    return [(split_heads(outputs[2 * i], heads), split_heads(outputs[2 * i + 1], heads)) for i in range(len(modules))]
 
 
 def minilm_scores(length: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, bool]]:
     """MiniLM's (q, k) per layer on SST-2 dev sentences packed into 2 sequences of ``length`` tokens."""
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_sparse_attn.packaged_model import verified_minilm_path
+    from hf_sparse_attn.commands.packaged_model import verified_minilm_path
 
     path = verified_minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -101,12 +103,15 @@ def minilm_scores(length: int, device: torch.device) -> Iterator[tuple[str, torc
         yield f"minilm-L{index}", q.to(device), k.to(device), q.shape[-1] ** -0.5, False
 
 
-def gpt2_scores(length: int, device: torch.device, steps: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, bool]]:
+def gpt2_scores(
+    length: int, device: torch.device, steps: int
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float, bool]]:
     """(q, k) per layer of a 4-layer GPT-2 (byte-level vocabulary) trained for ``steps`` steps on WikiText-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    text = gzip.open(DATA_DIR / "wikitext-2" / "wiki.train.tokens.gz", "rt").read()
-    data = torch.tensor(list(text.encode()[: 2_000_000]), dtype=torch.long)
+    with gzip.open(DATA_DIR / "wikitext-2" / "wiki.train.tokens.gz", "rt") as file:
+        text = file.read()
+    data = torch.tensor(list(text.encode()[:2_000_000]), dtype=torch.long)
     config = GPT2Config(
         n_layer=4, n_head=4, n_embd=128, vocab_size=256, n_positions=max(length, 128), bos_token_id=0, eos_token_id=0
     )
@@ -132,8 +137,8 @@ def gpt2_scores(length: int, device: torch.device, steps: int) -> Iterator[tuple
         handle.remove()
     for index, qkv in enumerate(outputs):
         q, k, _ = qkv.split(config.n_embd, dim=-1)  # (B, T, C) each
-        split = lambda x: x.reshape(2, length, heads, -1).transpose(1, 2).contiguous()  # noqa: E731 (B, H, T, D)
-        yield f"gpt2-L{index} (loss {loss.item():.2f})", split(q).to(device), split(k).to(device), 32**-0.5, True
+        q, k = split_heads(q, heads).to(device), split_heads(k, heads).to(device)
+        yield f"gpt2-L{index} (loss {loss.item():.2f})", q, k, q.shape[-1] ** -0.5, True
 
 
 def count_passes(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, block_m: int) -> dict[float, list[int]]:
@@ -148,7 +153,9 @@ def count_passes(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, b
     return counts
 
 
-def cases(args: argparse.Namespace, device: torch.device) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, float, bool]]:
+def cases(
+    args: argparse.Namespace, device: torch.device
+) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, float, bool]]:
     for source in args.sources:
         for length in args.lengths:
             if source in ("gaussian", "lognormal"):
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_info(device)
     print(header)
     records: list[dict[str, Any]] = []
-    for name, length, q, k, scale, causal in cases(args, device):
+    for name, _length, q, k, scale, causal in cases(args, device):
         rows = args.rows or q.shape[2]
         q = q[:, :, :rows].contiguous()
         for rate, passes in count_passes(q, k, scale, causal, args.block_m).items():

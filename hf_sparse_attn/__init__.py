@@ -21,6 +21,7 @@ _EXPORTS = {
     "from_pretrained": "hf_sparse_attn.patch",
     "get_patch_config": "hf_sparse_attn.patch",
     "patch_model": "hf_sparse_attn.patch",
+    "save_adapter_patch": "hf_sparse_attn.patch",
     "set_sparsity": "hf_sparse_attn.patch",
     "unpatch_model": "hf_sparse_attn.patch",
     "attention_sparsity": "hf_sparse_attn.sparsity",
@@ -31,12 +32,20 @@ if TYPE_CHECKING:
     from hf_sparse_attn.attention import returning_weights
     from hf_sparse_attn.calibrate import calibrate
     from hf_sparse_attn.config import PatchConfig
-    from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model, set_sparsity, unpatch_model
+    from hf_sparse_attn.patch import (
+        from_pretrained,
+        get_patch_config,
+        patch_model,
+        save_adapter_patch,
+        set_sparsity,
+        unpatch_model,
+    )
     from hf_sparse_attn.sparsity import attention_sparsity, measure_sparsity
 
 
 def __getattr__(name: str) -> Any:
-    """A public name of :data:`_EXPORTS`, or a submodule (``hf_sparse_attn.hub`` after ``import hf_sparse_attn``)."""
+    """A public name of :data:`_EXPORTS`, or a subpackage or module (``hf_sparse_attn.training`` after
+    ``import hf_sparse_attn``)."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
     elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
@@ -63,6 +72,7 @@ __all__ = [
     "measure_sparsity",
     "patch_model",
     "returning_weights",
+    "save_adapter_patch",
     "set_sparsity",
     "unpatch_model",
 ]

@@ -23,7 +23,8 @@ class Architecture:
             to the attention function).
         causal: whether self-attention is causal (decoder-only); encoders become causal when
             ``config.is_decoder`` is set.
-        lora_targets: default LoRA target module names (PEFT's defaults for this model type).
+        lora_targets: default LoRA target module names, used only where PEFT's own table
+            (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``) has no row for this model type.
     """
 
     layers: str

@@ -206,8 +206,8 @@ class CalibrationReport:
 
 def add_to_card(card_path: str | os.PathLike, report: CalibrationReport, image: str | None = None) -> Path:
     """Put ``report.card_section(image)`` into the model card at ``card_path``: in place of an earlier calibration
-    section, else after ``hf_sparse_attn``'s own section (see :mod:`hf_sparse_attn.hub`), else at the end."""
-    from hf_sparse_attn.hub import SECTION_END
+    section, else after ``hf_sparse_attn``'s own section (see :mod:`hf_sparse_attn.publishing.hub`), else at the end."""
+    from hf_sparse_attn.publishing.hub import SECTION_END
 
     path = Path(card_path)
     text = path.read_text() if path.is_file() else ""

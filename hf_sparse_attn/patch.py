@@ -28,12 +28,13 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import nn
-from transformers.utils import cached_file
+from transformers.utils import cached_file, find_adapter_config_file
 from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
 
-from hf_sparse_attn import attention, fused_loss, heads, hub
+from hf_sparse_attn import attention, fused_loss, heads
 from hf_sparse_attn.architectures import self_attention_modules
 from hf_sparse_attn.config import CONFIG_KEY, PatchConfig, Sparsity, layer_rates
+from hf_sparse_attn.publishing import hub
 from hf_sparse_attn.rates import clear_stored_rates, rate_value
 
 #: attribute on the model remembering the attention implementation it had before patching
@@ -44,6 +45,18 @@ _PATCH_ATTR = "_hf_sparse_attn_patch"
 _HEAD_ATTR = "_hf_sparse_attn_head"
 #: the attention implementation names that are ours
 _OUR_IMPLEMENTATIONS = (attention.ATTENTION_NAME, attention.ATTENTION_ALIAS)
+#: file written beside a PEFT adapter saved from a patched model (PEFT saves no ``config.json``): the keyword
+#: arguments of ``patch_model`` that rebuild the patched base; :func:`from_pretrained` of the adapter folder applies it
+PATCH_FILE = "hf_sparse_attn_patch.json"
+#: the transformers auto class of an adapter's base model per PEFT ``task_type``, as PEFT's ``AutoPeftModelFor*``
+#: classes pick it (an adapter without a task type names its base class in ``auto_mapping`` instead)
+_ADAPTER_BASE_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 
 
 def get_patch_config(model: nn.Module) -> PatchConfig | None:
@@ -170,11 +183,23 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint saved from a patched model and return it patched again, with its head parameters.
+    """Load a checkpoint or PEFT adapter saved from a patched model and return it patched again, with its head
+    parameters.
 
     The class is the one recorded in ``config.json`` (``architectures[0]``), so a sequence classifier comes back
     as a sequence classifier. A checkpoint without a patch loads as the plain model. ``kwargs`` go to the class's
     ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ``dtype``, ``num_labels``, ``variant``, ...).
+
+    A folder or Hub repo holding ``adapter_config.json`` is a PEFT adapter and comes back as the patched
+    ``PeftModel``: the base model named by the adapter's ``base_model_name_or_path`` (at its ``revision``) is loaded
+    as above, with the class PEFT's ``task_type`` implies (``CAUSAL_LM`` -> ``AutoModelForCausalLM``, ``SEQ_CLS`` ->
+    ``AutoModelForSequenceClassification``, ...; without a task type, the class PEFT recorded in ``auto_mapping``),
+    patched with the options of :data:`PATCH_FILE` beside the adapter (the recipes write it; a base that is itself
+    a patched checkpoint needs none), then ``PeftModel.from_pretrained`` loads the LoRA matrices and the head's own
+    trained parameters (``modules_to_save``). Patching before loading matters: on an unpatched base PEFT skips the
+    head's ``extra`` module without an error. For an adapter, ``revision``, ``subfolder`` and the PEFT options
+    ``adapter_name`` and ``is_trainable`` apply to the adapter; ``token``, ``cache_dir``, ``local_files_only``,
+    ``force_download`` and ``proxies`` to both; every other keyword (``num_labels``, ``dtype``, ...) to the base.
 
     transformers' load report is kept, minus the head's own parameters (a plain class does not have them, so
     transformers lists them as unexpected; they are loaded here from the weights file transformers reads:
@@ -185,10 +210,47 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
 
         >>> model.save_pretrained("ckpt")
         >>> again = hf_sparse_attn.from_pretrained("ckpt")
+        >>> peft_model = hf_sparse_attn.from_pretrained("out")  # a `--lora` recipe run: PeftModel, patched
     """
+    adapter = find_adapter_config_file(str(pretrained_model_name_or_path), **_hub_kwargs(kwargs))
+    if adapter is not None:
+        return _from_adapter(pretrained_model_name_or_path, adapter, kwargs)
+    return _from_checkpoint(pretrained_model_name_or_path, None, kwargs)
+
+
+def save_adapter_patch(model: nn.Module, save_directory: str | os.PathLike) -> str | None:
+    """Write the patch of ``model`` as :data:`PATCH_FILE` in ``save_directory``, beside the PEFT adapter saved there,
+    so that :func:`from_pretrained` of the folder rebuilds the patched base before loading the adapter (PEFT saves
+    the adapter config, not the base's ``config.json`` that carries the patch of a full checkpoint).
+
+    The file holds ``patch_model``'s keyword arguments (``{"sparsity": 0.5, "head": "moss", ...}``). Returns its path,
+    or None for a model that is not patched (nothing to write). ``model`` is the PEFT model or its patched base.
+
+    Examples::
+
+        >>> peft_model.save_pretrained("adapter")
+        >>> save_adapter_patch(peft_model, "adapter")
+        >>> again = hf_sparse_attn.from_pretrained("adapter")  # PeftModel on the patched base
+    """
+    config = get_patch_config(model)
+    if config is None:
+        return None
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, PATCH_FILE)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in config.to_dict().items() if k != "version"}, f, indent=2)
+    return path
+
+
+def _from_checkpoint(
+    pretrained_model_name_or_path: str | os.PathLike, model_class: Any, kwargs: dict[str, Any]
+) -> nn.Module:
+    """:func:`from_pretrained` of a full checkpoint, as ``model_class`` (a transformers model or auto class) or, when
+    None, as the class ``config.json`` records."""
     config = transformers.AutoConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
     architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None and architectures:
+        model_class = getattr(transformers, architectures[0], None)
     if model_class is None:
         raise ValueError(
             f"{pretrained_model_name_or_path}: config.json names no transformers model class in `architectures` "
@@ -218,6 +280,69 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: 
     )
     log_state_dict_report(model, str(pretrained_model_name_or_path), True, loading_info, logger=_TRANSFORMERS_LOGGER)
     return (model, info) if want_info else model
+
+
+def _from_adapter(path: str | os.PathLike, adapter_config_file: str, kwargs: dict[str, Any]) -> nn.Module:
+    """:func:`from_pretrained` of a PEFT adapter (``adapter_config_file`` is its resolved ``adapter_config.json``):
+    the base loaded and patched, then the adapter loaded onto it."""
+    from peft import PeftConfig, PeftModel
+
+    if kwargs.get("output_loading_info"):
+        raise TypeError(
+            f"from_pretrained: output_loading_info is not supported for the PEFT adapter {path}; PEFT reports missing "
+            f"adapter keys itself"
+        )
+    kwargs = dict(kwargs)
+    peft_options = {name: kwargs.pop(name) for name in ("adapter_name", "is_trainable") if name in kwargs}
+    adapter_hub = _hub_kwargs(kwargs)
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
+    peft_config = PeftConfig.from_json_file(adapter_config_file)
+    base_path = peft_config.get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(
+            f"{path}: adapter_config.json names no base model (`base_model_name_or_path` is empty); load the base, "
+            f"patch it with hf_sparse_attn.patch_model and call peft.PeftModel.from_pretrained(base, {str(path)!r})"
+        )
+    if peft_config.get("revision"):
+        base_kwargs["revision"] = peft_config["revision"]
+    base = _from_checkpoint(base_path, _adapter_base_class(path, peft_config), base_kwargs)
+    patch_file = cached_file(path, PATCH_FILE, _raise_exceptions_for_missing_entries=False, **adapter_hub)
+    if patch_file is not None:
+        with open(patch_file) as f:
+            options = PatchConfig.from_dict(json.load(f)).to_dict()
+        patch_model(base, **{k: v for k, v in options.items() if k != "version"})
+    head_parts = [m for m in peft_config.get("modules_to_save") or [] if m.rpartition(".")[2] == "extra"]
+    if head_parts and get_patch_config(base) is None:  # PEFT would skip them without a word
+        raise ValueError(
+            f"{path}: the adapter holds a patched LM head's parameters ({', '.join(head_parts)}), but there is no "
+            f"{PATCH_FILE} beside it and its base {base_path!r} is not a patched checkpoint; write the file with "
+            f"hf_sparse_attn.save_adapter_patch(peft_model, folder) when saving the adapter"
+        )
+    return PeftModel.from_pretrained(base, path, **peft_options, **adapter_hub)
+
+
+def _adapter_base_class(path: str | os.PathLike, peft_config: dict[str, Any]) -> Any:
+    """The transformers class to load an adapter's base model with: the auto class of its PEFT ``task_type``, else the
+    class PEFT recorded in ``auto_mapping``, else None (the class the base's ``config.json`` records)."""
+    task_type = peft_config.get("task_type")
+    if task_type is not None:
+        if task_type not in _ADAPTER_BASE_CLASSES:
+            raise ValueError(
+                f"{path}: adapter_config.json has task_type {task_type!r}; supported task types: "
+                f"{', '.join(sorted(_ADAPTER_BASE_CLASSES))} (or none)"
+            )
+        return getattr(transformers, _ADAPTER_BASE_CLASSES[task_type])
+    auto_mapping = peft_config.get("auto_mapping") or {}
+    class_name = auto_mapping.get("base_model_class")
+    if class_name is None:
+        return None
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None or not str(auto_mapping.get("parent_library", "")).startswith("transformers"):
+        raise ValueError(
+            f"{path}: adapter_config.json's auto_mapping names {class_name!r} from "
+            f"{auto_mapping.get('parent_library')!r}, not a transformers model class"
+        )
+    return model_class
 
 
 def _base_model(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ plus the patch options.
     python recipes/classification.py args.json  # the same options in a JSON file
 
 Data (first given): ``--data_dir``, ``--train_file`` / ``--validation_file`` / ``--test_file``, ``--dataset_name``, or
-``--task_name`` alone (the Hub's ``nyu-mll/glue``); see :func:`hf_sparse_attn.recipe_data.load_classification`.
+``--task_name`` alone (the Hub's ``nyu-mll/glue``); see :func:`hf_sparse_attn.training.data.load_classification`.
 Metric: the task's GLUE metric from the packaged ``evaluate`` module. ``--do_predict`` writes
 ``predict_results_<task>.txt`` for the test split, as ``run_glue.py`` does. All options:
 ``python recipes/classification.py --help``.
@@ -32,9 +32,9 @@ from transformers import (
     set_seed,
 )
 
-from hf_sparse_attn.metrics import glue_compute_metrics
-from hf_sparse_attn.recipe_data import GLUE_TASKS, ClassificationData, load_classification
-from hf_sparse_attn.recipe_setup import (
+from hf_sparse_attn.training.data import GLUE_TASKS, ClassificationData, load_classification
+from hf_sparse_attn.training.metrics import glue_compute_metrics
+from hf_sparse_attn.training.recipe import (
     ModelArguments,
     PatchArguments,
     SampleArguments,

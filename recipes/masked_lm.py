@@ -26,8 +26,8 @@ from transformers import (
     set_seed,
 )
 
-from hf_sparse_attn.metrics import perplexity_compute_metrics
-from hf_sparse_attn.recipe_setup import (
+from hf_sparse_attn.training.metrics import perplexity_compute_metrics
+from hf_sparse_attn.training.recipe import (
     ModelArguments,
     PatchArguments,
     SampleArguments,

@@ -15,7 +15,7 @@ import sys
 
 import datasets
 
-from hf_sparse_attn.recipe_data import file_builder, word_level_tokenizer
+from hf_sparse_attn.training.data import file_builder, word_level_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

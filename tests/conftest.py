@@ -85,7 +85,7 @@ def minilm_path() -> str:
 
     Skips when the package is not installed; any other problem (another version, changed bytes) fails loudly.
     """
-    from hf_sparse_attn.packaged_model import MODULE, PACKAGE, verified_minilm_path
+    from hf_sparse_attn.commands.packaged_model import MODULE, PACKAGE, verified_minilm_path
 
     if importlib.util.find_spec(MODULE) is None:
         pytest.skip(f"{PACKAGE} is not installed (test extra)")

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import hf_sparse_attn
-from hf_sparse_attn import cli, hub
 from hf_sparse_attn.architectures import self_attention_modules
 from hf_sparse_attn.attention import RATE_ATTR
 from hf_sparse_attn.calibrate import RateSearch, calibrate, measure_calibration
 from hf_sparse_attn.calibration_report import CARD_END, CARD_START, CalibrationReport, add_to_card
+from hf_sparse_attn.commands import cli
+from hf_sparse_attn.publishing import hub
 from hf_sparse_attn.training import SparsityScheduleCallback
 
 MODELS = {
@@ -254,7 +255,7 @@ def test_unsupported_model_is_refused():
 
 
 def test_minilm_budget_holds_on_held_out_sentences(minilm_path):
-    from hf_sparse_attn.demo import load_sentiment
+    from hf_sparse_attn.commands.demo import load_sentiment
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
     model = transformers.AutoModel.from_pretrained(minilm_path)
@@ -323,7 +324,7 @@ def test_cli_writes_patched_checkpoint_card_and_report(tmp_path, capsys):
 
 
 def test_cli_reads_tsv_columns_and_reports_bad_input(tmp_path, capsys):
-    from hf_sparse_attn.calibrate_cli import load_sentences
+    from hf_sparse_attn.commands.calibrate import load_sentences
 
     (tmp_path / "data.tsv").write_text('sentence\tlabel\n"quoted start\t1\nplain\t0\n\t1\n')
     assert load_sentences(str(tmp_path / "data.tsv"), text_column="sentence") == ['"quoted start', "plain"]
@@ -357,7 +358,7 @@ def test_evidence_driver_pairs_each_uniform_run_with_a_calibrated_one(shared_dat
 
 
 def test_recipes_accept_the_calibrated_map_as_json():
-    from hf_sparse_attn.recipe_setup import parse_sparsity
+    from hf_sparse_attn.training.recipe import parse_sparsity
 
     rates = search("gpt2").solve(target_sparsity=0.5)
     assert parse_sparsity(json.dumps(rates)) == list(rates)

@@ -15,14 +15,15 @@ from conftest import padded_batch, tiny_model, word_tokenizer
 from hub_server import HubServer
 
 import hf_sparse_attn
-from hf_sparse_attn import cli, hub
+from hf_sparse_attn.commands import cli
 from hf_sparse_attn.config import CONFIG_KEY, HEAD_NAMES
+from hf_sparse_attn.publishing import hub
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which its HTTP client deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-LIGHT_COMMANDS = ["demo", "patch", "push", "plot", "env"]
+LIGHT_COMMANDS = list(cli.COMMANDS)  # every command answers --help without torch or transformers
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -58,7 +59,7 @@ def base_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_help_of_every_light_command_does_not_import_torch_or_transformers() -> None:
     script = (
         "import sys\n"
-        "from hf_sparse_attn import cli\n"
+        "from hf_sparse_attn.commands import cli\n"
         f"for argv in [['--help'], ['--version'], *[[c, '--help'] for c in {LIGHT_COMMANDS!r}]]:\n"
         "    try:\n"
         "        cli.main(argv)\n"
@@ -115,7 +116,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> dict[str, str]:
         raise TypeError("a bug, not bad input")
 
-    monkeypatch.setattr("hf_sparse_attn.env.collect_env", broken)
+    monkeypatch.setattr("hf_sparse_attn.commands.env.collect_env", broken)
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["env"])
 
@@ -127,7 +128,7 @@ def test_wrapped_input_error_gives_one_line_with_its_cause(monkeypatch: pytest.M
         except UnicodeDecodeError as err:
             raise RuntimeError("An error occurred while generating the dataset") from err
 
-    monkeypatch.setattr("hf_sparse_attn.env.collect_env", wrapped)
+    monkeypatch.setattr("hf_sparse_attn.commands.env.collect_env", wrapped)
     code, _, err = run_cli(capsys, "env")
     assert_one_line_error(code, err, "env", "generating the dataset; caused by UnicodeDecodeError: 'utf-8' codec")
 

@@ -18,7 +18,8 @@ from conftest import tiny_model, word_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_sparse_attn import cli, demo, from_pretrained, get_patch_config, patch_model
+from hf_sparse_attn import from_pretrained, get_patch_config, patch_model
+from hf_sparse_attn.commands import cli, demo
 
 
 def _rows() -> list[dict[str, str]]:

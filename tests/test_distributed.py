@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from test_recipes import TINY_GPT2, recipe, synthetic_lines
 
-from hf_sparse_attn.recipe_data import word_level_tokenizer
+from hf_sparse_attn.training.data import word_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,12 @@ def run(command: list[str], cwd: Path, timeout: int = 900) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command)} ran past {timeout} s; its output ends with:\n{stdout[-3000:]}{stderr[-5000:]}")
-    assert process.returncode == 0, f"{' '.join(command)} exited with {process.returncode}:\n" + stdout[-3000:] + stderr[-5000:]
+        pytest.fail(
+            f"{' '.join(command)} ran past {timeout} s; its output ends with:\n{stdout[-3000:]}{stderr[-5000:]}"
+        )
+    assert process.returncode == 0, (
+        f"{' '.join(command)} exited with {process.returncode}:\n" + stdout[-3000:] + stderr[-5000:]
+    )
 
 
 def train_logs(output_dir: Path) -> list[dict]:
@@ -81,8 +85,18 @@ def test_two_processes_match_one_process(lm_setup):
     # the shipped DDP config; on a machine without GPUs it gives 2 CPU processes over gloo (`--cpu` would start only
     # one); bf16 autocast is turned off to compare with fp32
     config = REPO / "recipes" / "accelerate" / "multi_gpu.yaml"
-    launch = [accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no",
-              "--main_process_port", str(free_port())]
+    launch = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
     run([*launch, str(REPO / "recipes" / "causal_lm.py"), *args, "--per_device_train_batch_size", "2",
          "--output_dir", str(folder / "two")], cwd=folder)  # fmt: skip
     recipe("causal_lm").main([*args, "--per_device_train_batch_size", "4", "--output_dir", str(folder / "one")])
@@ -161,8 +175,19 @@ def test_fsdp2_sharded_step_matches_unsharded(tmp_path):
     script = tmp_path / "fsdp_step.py"
     script.write_text(textwrap.dedent(FSDP_SCRIPT))
     out = tmp_path / "result.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+    ]
     run([*torchrun, str(script), str(out)], cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result["keys_equal"]

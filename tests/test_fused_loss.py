@@ -19,7 +19,7 @@ from torch import nn
 import hf_sparse_attn
 from hf_sparse_attn.fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled, head_nll
 from hf_sparse_attn.heads import build_head
-from hf_sparse_attn.lora import lora_config
+from hf_sparse_attn.training.lora import lora_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -16,7 +16,8 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 import hf_sparse_attn
-from hf_sparse_attn import cli, hub
+from hf_sparse_attn.commands import cli
+from hf_sparse_attn.publishing import hub
 
 # huggingface_hub's LFS upload passes a file object as `data=`, which its HTTP client deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

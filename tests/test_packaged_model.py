@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_sparse_attn import packaged_model
-from hf_sparse_attn.packaged_model import SHA256, PackagedModelError, verify_folder
+from hf_sparse_attn.commands import packaged_model
+from hf_sparse_attn.commands.packaged_model import SHA256, PackagedModelError, verify_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

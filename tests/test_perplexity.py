@@ -13,9 +13,9 @@ import transformers
 from conftest import tiny_model, word_tokenizer
 
 import hf_sparse_attn
-from hf_sparse_attn import cli
-from hf_sparse_attn import perplexity as perplexity_module
-from hf_sparse_attn.perplexity import load_eval_text, perplexity, sliding_windows
+from hf_sparse_attn.commands import cli
+from hf_sparse_attn.training import perplexity as perplexity_module
+from hf_sparse_attn.training.perplexity import load_eval_text, perplexity, sliding_windows
 
 POSITIONS = 64
 
@@ -51,6 +51,22 @@ def test_single_window_is_exp_mean_nll(text_file, head):
     assert result["num_tokens"] == len(ids) - 1 and result["num_windows"] == 1
     assert result["nll"] == pytest.approx(nll, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["bars-enabled", "bars-disabled"])
+def test_progress_bar_obeys_transformers_switch(text_file, capsys, enabled):
+    """The bar goes through transformers' tqdm: ``disable_progress_bar()`` silences it (the enabled case shows the
+    bar does write to stderr otherwise)."""
+    bars = transformers.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    (bars.enable_progress_bar if enabled else bars.disable_progress_bar)()
+    try:
+        capsys.readouterr()
+        perplexity(tiny_lm(), word_tokenizer(), text_file, max_length=16, stride=8, progress=True)
+        stderr = capsys.readouterr().err
+    finally:
+        (bars.enable_progress_bar if was_enabled else bars.disable_progress_bar)()
+    assert ("perplexity" in stderr) == enabled, stderr
 
 
 @pytest.mark.parametrize(("max_length", "stride"), [(8, 3), (8, 1), (6, 6)], ids=["L8-s3", "L8-s1", "L6-s6"])

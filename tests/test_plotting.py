@@ -11,9 +11,9 @@ import pytest
 from test_training import TokenDataset, patched_gpt2, training_args
 from transformers import Trainer
 
-from hf_sparse_attn.cli import main as cli
-from hf_sparse_attn.plotting import _layers_label, find_trainer_state, plot_log_history
+from hf_sparse_attn.commands.cli import main as cli
 from hf_sparse_attn.training import SparsityLoggingCallback, SparsityScheduleCallback, add_first
+from hf_sparse_attn.training.plots import _layers_label, find_trainer_state, plot_log_history
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -24,14 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, Hf
 
 import hf_sparse_attn
 from hf_sparse_attn.heads import MixtureHead, MonotonicHead
-from hf_sparse_attn.metrics import (
-    GLUE_SCRIPT,
-    glue_compute_metrics,
-    load_glue_metric,
-    load_perplexity_metric,
-    token_nll,
-)
-from hf_sparse_attn.recipe_data import (
+from hf_sparse_attn.patch import PATCH_FILE
+from hf_sparse_attn.training.data import (
     GLUE_TASKS,
     file_builder,
     group_texts,
@@ -40,7 +34,14 @@ from hf_sparse_attn.recipe_data import (
     read_glue_tsv,
     word_level_tokenizer,
 )
-from hf_sparse_attn.recipe_setup import PATCH_FILE, parse_sparsity
+from hf_sparse_attn.training.metrics import (
+    GLUE_SCRIPT,
+    glue_compute_metrics,
+    load_glue_metric,
+    load_perplexity_metric,
+    token_nll,
+)
+from hf_sparse_attn.training.recipe import parse_sparsity
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BERT = "--model_type bert --config_overrides hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=37,max_position_embeddings=64"  # noqa: E501
@@ -656,3 +657,9 @@ def test_causal_lm_recipe_lora_adapter_reloads(tmp_path, text_file, tokenizer_di
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert float(loss) == pytest.approx(metrics["eval_loss"], rel=1e-5)
+
+    # the one-call reload: hf_sparse_attn.from_pretrained of the adapter folder does the above
+    again = hf_sparse_attn.from_pretrained(out).eval()
+    assert isinstance(again, PeftModel) and hf_sparse_attn.get_patch_config(again).head == "plif"
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, labels=ids).loss, loss, rtol=0, atol=0)

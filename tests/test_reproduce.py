@@ -72,7 +72,7 @@ def test_glue_driver_writes_one_json_per_run_and_skips_finished_runs(
     sparse, softmax = records["rte-r0.5-seed0"], records["rte-softmax-seed1"]
     assert sparse["config"]["sparsity"] == 0.5 and softmax["config"]["sparsity"] is None
     assert 0.0 <= sparse["metrics"]["eval"]["eval_accuracy"] <= 1.0
-    assert sparse["steps"] == 2 and sparse["cpu_seconds"] > 0 and sparse["parameters"] > 0
+    assert sparse["steps"] == 2 and not sparse["resumed"] and sparse["cpu_seconds"] > 0 and sparse["parameters"] > 0
     # the warm-up reaches r = 0.5 at the last step; rows hold >= 10 valid keys, so whole-key rounding moves the
     # zero fraction by at most 1/10
     last = [entry["sparsity/mean"] for entry in sparse["log_history"] if "sparsity/mean" in entry][-1]

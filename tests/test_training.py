@@ -90,6 +90,17 @@ def assert_rates_close(actual: list, expected: list) -> None:
             torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(e, dtype=torch.float64))
 
 
+def test_training_package_exports_the_callbacks_module_names() -> None:
+    """`from hf_sparse_attn.training import X` (the documented path) gives the callbacks module's objects."""
+    import hf_sparse_attn.training as training
+    from hf_sparse_attn.training import callbacks
+
+    for name in training.__all__:
+        assert getattr(training, name) is getattr(callbacks, name), name
+    with pytest.raises(AttributeError, match="'hf_sparse_attn.training' has no attribute 'SparsityCallback'"):
+        training.SparsityCallback  # noqa: B018
+
+
 @pytest.mark.parametrize(
     "target, step, warmup",
     [

@@ -84,7 +84,7 @@ def calibration_map(model_path: str, settings: dict[str, Any], args: argparse.Na
     import transformers
 
     from hf_sparse_attn.calibrate import calibrate, measure_calibration
-    from hf_sparse_attn.recipe_data import load_classification
+    from hf_sparse_attn.training.data import load_classification
 
     data = load_classification(task_name=settings["task"], data_dir=str(args.data_dir / "glue"), splits=["train"])
     train = data.raw["train"]

@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 def train_rows(task: str, args: argparse.Namespace) -> int:
     """Training examples the run sees: the file's rows, capped."""
-    from hf_sparse_attn.recipe_data import load_classification
+    from hf_sparse_attn.training.data import load_classification
 
     rows = load_classification(task_name=task, data_dir=str(args.data_dir / "glue"), splits=["train"]).raw
     cap = args.max_train_samples or (SST2_TRAIN_ROWS if task == "sst2" else None)
@@ -80,7 +80,7 @@ def train_rows(task: str, args: argparse.Namespace) -> int:
 def build(args: argparse.Namespace) -> list[Run]:
     """The grid, in the order it runs: task by task, softmax first (the reference of the time ratios)."""
     if args.model is None:
-        from hf_sparse_attn.packaged_model import verified_minilm_path
+        from hf_sparse_attn.commands.packaged_model import verified_minilm_path
 
         model_path, model_name = str(verified_minilm_path()), f"{BASE_MODEL} (packaged)"
     else:

@@ -13,7 +13,8 @@ starting point; the other seeds' folders are deleted once their JSON is written.
 
 The JSON holds: ``config`` (the hyper-parameters), ``argv`` (the recipe arguments), ``metrics`` (``eval`` and any
 extra evaluation such as ``test``), ``train`` (the recipe's ``train_results.json``), ``steps``, ``wall_seconds``,
-``cpu_seconds`` (user + system of the recipe processes), ``parameters`` (of the saved model), ``log_history`` (the
+``cpu_seconds`` (user + system of the recipe processes; with ``resumed`` true they cover only the part after the
+restart, so the time figures skip such runs), ``parameters`` (of the saved model), ``log_history`` (the
 Trainer's: the learning-curve points and the logged ``sparsity/*``), ``machine`` and versions.
 """
 
@@ -205,6 +206,7 @@ def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     """Train (and evaluate) one run; write and return its JSON record."""
     out = run.checkpoint(args.checkpoint_dir)
     threads, in_process = args.threads, args.in_process
+    resumed = any(out.glob("checkpoint-*"))  # then the times below cover only the part after the restart
     started, cpu = time.perf_counter(), 0.0
     argv = [*run.argv, *COMMON_RECIPE_ARGS, "--seed", str(run.seed), "--output_dir", str(out)]
     cpu += call_recipe(run.recipe, argv, threads=threads, in_process=in_process)
@@ -237,6 +239,7 @@ def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metrics,
         "train": json.loads((out / "train_results.json").read_text()),
         "steps": state["global_step"],
+        "resumed": resumed,
         "wall_seconds": time.perf_counter() - started,
         "cpu_seconds": cpu,
         "parameters": saved_parameters(out),
@@ -261,7 +264,7 @@ def seconds_per_step(results_dir: Path, table: str) -> dict[str, float]:
     measured: dict[str, list[float]] = {}
     for path in sorted(results_dir.rglob("*.json")) if results_dir.is_dir() else []:
         record = json.loads(path.read_text())
-        if record.get("table") == table and record.get("steps"):
+        if record.get("table") == table and record.get("steps") and not record["resumed"]:
             measured.setdefault(record["setting"], []).append(record["cpu_seconds"] / record["steps"])
     return {setting: statistics.median(values) for setting, values in measured.items()}
 

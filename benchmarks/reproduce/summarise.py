@@ -5,9 +5,9 @@ Each table replaces the text between its two markers in the document (``<!-- rep
 no new results changes nothing. Settings without any finished run are left out; the ``seeds`` column says how many
 runs each cell averages. Mean ± sample standard deviation over seeds (a single seed: the value alone).
 
-The model card of each patched setting's reference checkpoint (its first seed, kept by the drivers) is rendered with
-:func:`hf_sparse_attn.hub.create_model_card` into ``model_cards/<name>/README.md``, when the checkpoint is on this
-machine.
+The model card of each patched setting's reference checkpoint (its first seed, kept by the drivers) is rendered
+with :func:`hf_sparse_attn.publishing.hub.create_model_card` into ``model_cards/<name>/README.md``, when the checkpoint
+is on this machine.
 
     python -m benchmarks.reproduce.summarise
     python -m benchmarks.reproduce.summarise --results-dir benchmarks/results/reproduce --doc docs/results.md
@@ -54,15 +54,17 @@ def mean_sd(values: Sequence[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def seconds_per_step(runs: Iterable[Record]) -> float:
+def seconds_per_step(runs: Iterable[Record]) -> float | None:
     """Mean training wall time per optimizer step: the Trainer's ``train_runtime`` less the evaluations it ran
-    during training (``eval_runtime`` of each logged evaluation), over the steps."""
+    during training (``eval_runtime`` of each logged evaluation), over the steps. Resumed runs, whose times cover
+    only the part after the restart, are left out; None when no run is left."""
 
     def training_seconds(run: Record) -> float:
         evaluations = sum(entry.get("eval_runtime", 0.0) for entry in run["log_history"])
         return run["train"]["train_runtime"] - evaluations
 
-    return statistics.mean(training_seconds(run) / run["steps"] for run in runs)
+    timed = [training_seconds(run) / run["steps"] for run in runs if not run["resumed"]]
+    return statistics.mean(timed) if timed else None
 
 
 def final_sparsity(run: Record) -> float | None:
@@ -77,8 +79,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def ratio(value: float, reference: float | None) -> str:
-    return "—" if reference is None else f"{value / reference:.2f}×"
+def ratio(value: float | None, reference: float | None) -> str:
+    return "—" if value is None or reference is None else f"{value / reference:.2f}×"
 
 
 def glue_table(groups: dict[str, list[Record]]) -> str:
@@ -253,13 +255,13 @@ def card_inputs(record: Record) -> dict[str, Any]:
 
 
 def render_cards(results_dir: Path, cards_dir: Path) -> list[Path]:
-    """``cards_dir/<setting>/README.md`` for the kept checkpoint (first seed) of every patched setting, rendered
-    with :func:`hf_sparse_attn.hub.create_model_card` from the checkpoint's ``config.json`` and the run's JSON.
-    Softmax settings are plain transformers models with no patch to describe, so they get no card."""
+    """``cards_dir/<setting>/README.md`` for the kept checkpoint (first seed) of every patched setting, rendered with
+    :func:`hf_sparse_attn.publishing.hub.create_model_card` from the checkpoint's ``config.json`` and the run's
+    JSON. Softmax settings are plain transformers models with no patch to describe, so they get no card."""
     from transformers import AutoConfig
 
     from hf_sparse_attn.config import CONFIG_KEY
-    from hf_sparse_attn.hub import create_model_card
+    from hf_sparse_attn.publishing.hub import create_model_card
 
     written = []
     for table in (glue.TABLE, lm_heads.TABLE):

@@ -7,27 +7,27 @@ r-quantile (linear interpolation between the order statistics at ranks ``floor(r
 
     t = (m - q_r) + eps,   u_j = (x_j - m) + t,   a_j = relu(u_j) exp(x_j - m),   o_i = sum_j a_j v_j / sum_j a_j
 
-Forward, per block of query rows (one program), streaming key blocks several times:
+Forward, per block of query rows (one program per kernel):
 
-1. stats pass: row max ``m`` (and its first index), row min, valid count ``k``;
-2. search passes: the exact order statistics by a safeguarded search on the value range. Each pass counts
-   ``c = #{x <= tau}`` and finds ``max{x <= tau}`` and ``min{x > tau}``, which shrink a bracket of data
-   values ``[v_lo, v_hi]`` with known ranks (``x_(c_lo) = v_lo``, ``x_(c_hi - 1) = v_hi``) until both ranks are
-   pinned. Pivots: interpolation on the counts, a bisection step after any step that did not halve the count
-   window, and after ``VALUE_ITERS`` passes bisection on the order-preserving integer image of the floats (at
-   most 32 more), so the result is exact for any input;
-3. output pass: ``m`` is final after pass 1, so the weighted sum needs no running-max rescaling; weights are
-   divided by ``t`` so that they lie in [0, 1] (fp16-safe); key blocks without a surviving entry skip ``P V``.
+1. :func:`~hf_sparse_attn.kernels.r_softmax_threshold_triton.r_softmax_threshold`: ``m`` and ``t`` exactly, in a
+   few passes over the keys (a 16-bucket histogram search; about 4 passes, the first also finding ``m``);
+2. ``_output_kernel``, one pass: ``m`` is final, so the weighted sum needs no running-max rescaling; weights are
+   accumulated as ``a / t`` in [0, 1] (fp16-safe) with ``exp2`` and one reciprocal of ``t`` and of the sum per row;
+   key blocks without a surviving entry skip ``P V``; the argmax (first index of ``m``) is found here. Attention
+   dropout, when asked for, scales the weights by ``keep / (1 - p)`` from a counter-based mask
+   (:func:`dropout_keep_mask` draws the same one). A NaN score gives a NaN row.
 
 Backward (FlashAttention-2 layout, scores recomputed blockwise), with ``g_j = dO_i·v_j``, ``c_j = 1[u_j > 0]``,
 ``e_j = exp(x_j - m)``, ``Z = sum_j a_j``, ``delta_i = <g, p> = dO_i·O_i`` and the argmax ``M``::
 
     dx_j = (c_j + relu(u_j)) e_j (g_j - delta) / Z - 1[j = M] rho,   rho = sum_j c_j e_j (g_j - delta) / Z
 
-A row-parallel kernel computes ``dq``, ``delta`` and ``rho`` (the argmax share of ``dq`` is added at the end, with
-one gathered key row); a key-parallel kernel then computes ``dk`` and ``dv`` with ``rho`` known. Both drop the
-argmax column's own ``c_M e_M`` from ``b_M`` and from ``rho``, where the two cancel exactly (see ``_bwd_tile``).
-Forward saves per row ``m``, ``t``, ``Z`` and the argmax index.
+A row-parallel kernel computes ``dq``, ``delta`` and ``rho`` (the argmax share of ``dq`` is added at the end, in
+fp32, with one gathered key row); a key-parallel kernel then computes ``dk`` and ``dv``, and adds the argmax share
+``-rho_i q_i`` of ``dk`` as an fp32 epilogue (never rounded to the input dtype). Both drop the argmax column's own
+``c_M e_M`` from ``b_M`` and from ``rho``, where the two cancel exactly (see ``_bwd_tile``), and multiply by a
+per-row ``1 / Z``. With dropout, ``g_j`` carries the same mask. Forward saves per row ``m``, ``t``, ``Z`` and the
+argmax index.
 """
 
 from __future__ import annotations
@@ -68,15 +68,44 @@ def _dropout_scale(seed, i_bh, o_m, o_n, S, p_drop, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _output_kernel(
-    Q, K, V, PAD, OUT, STAT_M, STAT_T, STAT_Z, STAT_ARG,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_ot,
-    stride_pb, stride_pn,
-    H, T, S, offset, scale, seed, p_drop,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    PAD,
+    OUT,
+    STAT_M,
+    STAT_T,
+    STAT_Z,
+    STAT_ARG,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_pb,
+    stride_pn,
+    H,
+    T,
+    S,
+    offset,
+    scale,
+    seed,
+    p_drop,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """``o = sum_j a_j d_j v_j / sum_j a_j`` for the threshold of ``_threshold_kernel`` (``d`` = dropout scale),
     the normaliser ``Z`` and the argmax (first index of the max, as ``torch.max``), in one pass over the keys.
@@ -135,6 +164,7 @@ def _dropout_mask_kernel(KEEP, seed, p_drop, T, S, BLOCK_M: tl.constexpr, BLOCK_
     b_keep = _dropout_scale(seed, i_bh, o_m, o_n, S, p_drop, True) > 0
     o_keep = (i_bh.to(tl.int64) * T + o_m[:, None]) * S + o_n[None, :]
     tl.store(KEEP + o_keep, b_keep.to(tl.int8), mask=(o_m < T)[:, None] & (o_n < S)[None, :])
+
 
 @triton.jit
 def _bwd_tile(

@@ -51,6 +51,8 @@ __all__ = ["NUM_BUCKETS", "r_softmax_threshold", "threshold_guess"]
 NUM_BUCKETS = 16
 #: pass 1: the pivots span the Gaussian guess of the quantile +- GUESS_SPREAD standard deviations of the scores
 GUESS_SPREAD = 0.75
+#: keys sampled (evenly strided) for the mean and covariance behind the first pivots
+GUESS_KEYS = 256
 #: later passes: the pivots span the interpolated rank position +- ZOOM sampling standard deviations
 ZOOM = 3.5
 #: hard cap on passes (never reached: key pivots finish any window in at most 11 passes)
@@ -90,7 +92,16 @@ def _key_mask(PAD, o_n, S, stride_pn, HAS_PAD: tl.constexpr):
 
 @triton.jit
 def _tile_scores(
-    b_q, b_k, m_key, o_m, o_n, T, offset, scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    b_q,
+    b_k,
+    m_key,
+    o_m,
+    o_n,
+    T,
+    offset,
+    scale,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Scores ``scale q k^T`` ``[BLOCK_M, BLOCK_N]`` (fp32) of query rows ``o_m`` against keys ``o_n``, and validity:
@@ -132,14 +143,38 @@ def _pivot(j, base, w, k_lo, shift, k_span, m_keys):
 
 @triton.jit
 def _threshold_kernel(
-    Q, K, PAD, RATE, GUESS, STAT_M, STAT_T, PASSES,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kn,
-    stride_pb, stride_pn,
-    H, T, S, offset, scale, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-    ZOOM: tl.constexpr, MAX_PASSES: tl.constexpr,
+    Q,
+    K,
+    PAD,
+    RATE,
+    GUESS,
+    STAT_M,
+    STAT_T,
+    PASSES,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_pb,
+    stride_pn,
+    H,
+    T,
+    S,
+    offset,
+    scale,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    ZOOM: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
 ):
     tl.static_assert(NUM_BUCKETS == 16)  # the packed counting holds two words of eight 8-bit lanes
     tl.static_assert(BLOCK_N < 256)  # a lane counts at most BLOCK_N scores per tile
@@ -210,7 +245,11 @@ def _threshold_kernel(
             p_below = _value_pivot(f_idx, base[:, None], w[:, None])
             p_above = _value_pivot(f_idx + 1.0, base[:, None], w[:, None])
             idx = f_idx.to(tl.int32)
-            idx = idx - ((idx > 0) & (b_s <= p_below)).to(tl.int32) + ((idx < NUM_BUCKETS - 1) & (b_s > p_above)).to(tl.int32)
+            idx = (
+                idx
+                - ((idx > 0) & (b_s <= p_below)).to(tl.int32)
+                + ((idx < NUM_BUCKETS - 1) & (b_s > p_above)).to(tl.int32)
+            )
             if any_keys:
                 k_off = (_float_key(b_s).to(tl.uint32) - k_lo[:, None].to(tl.uint32)) >> shift[:, None].to(tl.uint32)
                 k_idx = tl.minimum(k_off, NUM_BUCKETS - 1).to(tl.int32)
@@ -320,13 +359,16 @@ def threshold_guess(
     Models row ``i``'s scores as Gaussian with the mean ``scale q_i·mean(k)`` and variance
     ``scale^2 q_iᵀ Cov(k) q_i`` over the (batch's valid) keys, and centres the pivots on its r-quantile
     ``mu + sigma Phi^-1(r)``, spanning ``GUESS_SPREAD`` standard deviations either side. Only the pass count
-    depends on it, never the result. ``O(B H (S + T) D^2)`` work, no host sync.
+    depends on it, never the result. The key statistics come from at most ``GUESS_KEYS`` evenly strided keys (a
+    small fp32 copy); ``O(B H T D^2)`` work, no host sync.
     """
-    qf, kf = q.float(), k.float()
+    qf = q.float()
+    stride = max(1, k.shape[2] // GUESS_KEYS)
+    kf = k[:, :, ::stride].float()  # (B, H, S', D), S' <= 2 GUESS_KEYS
     if key_padding is None:
-        weights = kf.new_full((1, 1, k.shape[2], 1), 1.0 / k.shape[2])  # (1, 1, S, 1)
+        weights = kf.new_full((1, 1, kf.shape[2], 1), 1.0 / kf.shape[2])  # (1, 1, S', 1)
     else:
-        valid = key_padding.to(torch.float32)[:, None, :, None]  # (B, 1, S, 1)
+        valid = key_padding[:, ::stride].to(torch.float32)[:, None, :, None]  # (B, 1, S', 1)
         weights = valid / valid.sum(2, keepdim=True).clamp(min=1.0)
     mean = (kf * weights).sum(2, keepdim=True)  # (B, H, 1, D)
     centred = (kf - mean) * weights.sqrt()  # (B, H, S, D)

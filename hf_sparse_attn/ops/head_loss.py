@@ -29,9 +29,9 @@ cross-entropy does the same for softmax). So the forward pass does the backward'
 over the stored gradients (scaled by the upstream scalar; once per forward), and peak memory is the gradients of the
 inputs plus a few `[C, V]` buffers, independent of N (and of K for the mixtures, whose chunk shrinks as K grows).
 
-PLIF's parameter gradients are sums over segments. They are accumulated chunk by chunk into one `[num_chunks, K-1]`
-buffer and reduced once, and within a chunk on CUDA by a sort and a scan instead of ``index_add_``'s atomics, so
-the gradients are bit-for-bit reproducible (``index_add_`` on CPU is sequential and deterministic).
+PLIF's parameter gradients are sums over segments: each chunk's partial sums are added in chunk order, and within a
+chunk on CUDA they come from a sort and a scan instead of ``index_add_``'s atomics, so the gradients are bit-for-bit
+reproducible (``index_add_`` on CPU is sequential and deterministic).
 
 The per-chunk row work of ``softmax``/``sigsoftmax``/``plif`` (:func:`row_loss_and_grad`) is what the Triton kernel
 (:mod:`hf_sparse_attn.kernels.head_loss_triton`) replaces; :func:`hf_sparse_attn.kernels.fused_head_loss`
@@ -155,21 +155,21 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=dtype) if need_grads else None  # [V, D]
         grad_bias = torch.zeros_like(bias, dtype=dtype) if need_grads and bias is not None else None  # [V]
         chunks = range(0, hidden.shape[0], spec.chunk_size)
-        grad_params = [torch.zeros(len(chunks), *p.shape, dtype=dtype, device=p.device) for p in params]
+        grad_params = [torch.zeros_like(p, dtype=dtype) for p in params]  # summed in chunk order: deterministic
         total = torch.zeros((), dtype=dtype, device=hidden.device)
-        for index, start in enumerate(chunks):
+        for start in chunks:
             rows = slice(start, start + spec.chunk_size)
             step = _mixture_chunk if spec.mixture is not None else _pointwise_chunk
             loss_rows, grad_h = step(
                 spec, logits, hidden[rows], safe_labels[rows], weights[rows], weight_c, params,
-                grad_weight, grad_bias, [g[index] for g in grad_params],
+                grad_weight, grad_bias, grad_params,
             )  # fmt: skip
             total += loss_rows.sum()
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_h
         if spec.reduction == "mean":  # the mean over zero tokens is NaN, as in F.cross_entropy
             total = torch.where(count > 0, total, torch.full_like(total, float("nan")))
-        grads = (grad_hidden, grad_weight, grad_bias, *(g.sum(0) for g in grad_params))
+        grads = (grad_hidden, grad_weight, grad_bias, *grad_params)
         inputs = (hidden, weight, bias, *params)
         # kept on ctx rather than saved, so that backward can hand them over without a copy (see backward)
         ctx.grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)]
@@ -205,8 +205,8 @@ def _pointwise_chunk(spec, logits, hidden, labels, weights, weight_c, params, gr
             return loss_rows, None
         if grad_params:
             flat = segment.view(-1)
-            grad_params[0].copy_(_segment_sums(flat, (scores * z).view(-1), slopes.numel()))
-            grad_params[1].copy_(_segment_sums(flat, scores.view(-1), slopes.numel()))
+            grad_params[0] += _segment_sums(flat, (scores * z).view(-1), slopes.numel())
+            grad_params[1] += _segment_sums(flat, scores.view(-1), slopes.numel())
         grad_z = scores.mul_(slopes[segment])
     else:
         loss_rows = spec.rows(z, labels, weights, spec.label_smoothing, spec.head == "sigsoftmax")
@@ -271,7 +271,7 @@ def _mixture_chunk(spec, logits, hidden, labels, weights, weight_c, params, grad
     )  # fmt: skip
     for param, grad in zip(mixture_params, grads[1:], strict=True):
         if grad is not None:
-            grad_params[_position(params, param)].copy_(grad)
+            grad_params[_position(params, param)] += grad
     return loss_rows, grads[0].to(dtype)
 
 

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # TRITON_INTERPRET is read whenever a function is decorated with @triton.jit, Triton's own standard library
 # (tl.max, tl.sum, ...) included, at `import triton`. Anything may import Triton early (torch._dynamo does, through
@@ -349,7 +351,9 @@ def test_dead_tiles_next_to_live_ones() -> None:
     q, k, v = (x.to(DEVICE).requires_grad_() for x in (q, k, v))
     rate = torch.tensor([0.25, 0.5], device=DEVICE)
     probs = r_softmax(q @ k.transpose(-1, -2) * 0.25, rate.view(1, -1, 1, 1), eps=EPS)
-    assert (probs[..., 16:32] == 0).all() and (probs[..., :16] > 0).any(-1).all()  # the block is dead, its neighbours not
+    assert (probs[..., 16:32] == 0).all() and (probs[..., :16] > 0).any(
+        -1
+    ).all()  # the block is dead, its neighbours not
     out = RSoftmaxAttentionFunction.apply(q, k, v, None, rate, False, 0.25, EPS, (16, 16))
     grad = torch.randn(out.shape, generator=generator).to(DEVICE)
     expected = reference(q, k, v, None, rate, 0.25)
@@ -399,4 +403,42 @@ def test_bf16_error_at_most_twice_a_bf16_reference(kind: str, rates: list[float]
         error = (results["kernel"][index].double() - truth).abs().max().item()
         reference_error = (results["bf16"][index].double() - truth).abs().max().item()
         bound = 2 * reference_error + 2.0**-8 * truth.abs().max().item()
-        assert error <= bound, f"{name}: kernel error {error:.3e} > 2 x bf16 reference error {reference_error:.3e} + ulp"
+        assert error <= bound, (
+            f"{name}: kernel error {error:.3e} > 2 x bf16 reference error {reference_error:.3e} + ulp"
+        )
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    s_len=st.integers(1, 80),
+    spread=st.sampled_from([1, 3, 1000]),
+    rates=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2),
+    causal=st.booleans(),
+    padded=st.booleans(),
+)
+def test_threshold_is_exact_for_any_scores(
+    seed: int, s_len: int, spread: int, rates: list[float], causal: bool, padded: bool
+) -> None:
+    """Property: for any row length, rate, tie pattern (integer scores from a narrow or a wide range), padding and
+    causality, the search returns the sort's margin and maximum bit for bit, within its pass cap."""
+    generator = torch.Generator().manual_seed(seed)
+    t_len = 20
+    q = torch.randint(-2, 3, (1, 2, t_len, 16), generator=generator).float().to(DEVICE)
+    k = torch.randint(-spread, spread + 1, (1, 2, s_len, 16), generator=generator).float().to(DEVICE)
+    key_padding = torch.rand(1, s_len, generator=generator).to(DEVICE) < 0.8 if padded else None
+    rate = torch.tensor(rates, device=DEVICE)
+    row_max, margin, passes = r_softmax_threshold(q, k, key_padding, rate, causal, 1.0, EPS, block_m=16, block_n=16)
+
+    scores = q @ k.transpose(-1, -2)  # (1, 2, T, S), exact integers
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    if padded:
+        valid &= key_padding[:, None, None, :]
+    if causal:
+        valid &= torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len)
+    expected = r_softmax_margin(scores, rate.view(1, -1, 1, 1), mask=valid, eps=EPS).squeeze(-1)
+    has_valid = valid.any(-1)
+    top = torch.where(has_valid, scores.masked_fill(~valid, float("-inf")).amax(-1), 0.0)
+    torch.testing.assert_close(margin, expected, atol=0, rtol=0)
+    torch.testing.assert_close(row_max, top, atol=0, rtol=0)
+    assert passes.max().item() < 64

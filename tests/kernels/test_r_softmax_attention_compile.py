@@ -48,9 +48,9 @@ SCRIPT = textwrap.dedent(
         constants = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=block_n, CAUSAL=True, HAS_PAD=True, UPCAST=False,
                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         search = dict(NUM_BUCKETS=threshold.NUM_BUCKETS, ZOOM=threshold.ZOOM, MAX_PASSES=threshold.MAX_PASSES)
-        kernels_and_extras = ((threshold._threshold_kernel, search), (kernels._output_kernel, dict(DROPOUT=True)),
-                              (kernels._bwd_dq_kernel, dict(DROPOUT=True)),
-                              (kernels._bwd_dkdv_kernel, dict(DROPOUT=True)))
+        dropout = dict(DROPOUT=dtype == "fp32")  # one configuration with attention dropout, one without
+        kernels_and_extras = ((threshold._threshold_kernel, search), (kernels._output_kernel, dropout),
+                              (kernels._bwd_dq_kernel, dropout), (kernels._bwd_dkdv_kernel, dropout))
         for fn, extra in kernels_and_extras:
             constexprs = {{name: value for name, value in dict(constants, **extra).items() if name in fn.arg_names}}
             scalars = {{"scale": "fp32", "eps": "fp32", "p_drop": "fp32", "seed": "i64"}}

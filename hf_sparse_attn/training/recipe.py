@@ -8,7 +8,8 @@ options carry the names of ``run_glue.py`` / ``run_clm.py`` / ``run_mlm.py`` (``
 ``--cache_dir``, ``--dataset_name``, ...). ``--do_train`` / ``--do_eval`` / ``--do_predict`` choose what runs, and
 training resumes from the last ``checkpoint-*`` in ``--output_dir``. The patch config is logged and lands in the
 checkpoint's ``config.json`` (``hf_sparse_attn`` key); a LoRA run saves only an adapter, so the patch is written
-beside it as :data:`PATCH_FILE`.
+beside it as :data:`~hf_sparse_attn.patch.PATCH_FILE`, and ``hf_sparse_attn.from_pretrained(output_dir)`` returns the
+patched PEFT model.
 
 Examples::
 
@@ -43,16 +44,14 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_sparse_attn import hub
 from hf_sparse_attn.config import CONFIG_KEY, HEAD_NAMES, PatchConfig, Sparsity
-from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model
-from hf_sparse_attn.recipe_data import group_texts, load_text
-from hf_sparse_attn.training import SparsityLoggingCallback, SparsityScheduleCallback, add_first
+from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model, save_adapter_patch
+from hf_sparse_attn.publishing import hub
+from hf_sparse_attn.training.callbacks import SparsityLoggingCallback, SparsityScheduleCallback, add_first
+from hf_sparse_attn.training.data import group_texts, load_text
 
 logger = logging.getLogger(__name__)
 
-#: file written next to a LoRA adapter: the keyword arguments of ``patch_model`` that rebuild the patched base
-PATCH_FILE = "hf_sparse_attn_patch.json"
 #: spellings of "keep softmax in this layer" accepted in ``--sparsity`` lists
 _SOFTMAX_WORDS = ("none", "softmax")
 
@@ -146,7 +145,7 @@ def text_datasets(
     *,
     causal: bool,
 ):
-    """``(train, eval)`` ``datasets.Dataset`` of token blocks (:func:`~hf_sparse_attn.recipe_data.group_texts`),
+    """``(train, eval)`` ``datasets.Dataset`` of token blocks (:func:`~hf_sparse_attn.training.data.group_texts`),
     capped by ``--max_train_samples`` / ``--max_eval_samples`` (counted in blocks). Raises ``ValueError`` when the
     training or the validation data has no complete block."""
     raw = load_text(
@@ -349,7 +348,7 @@ def prepare_model(model: nn.Module, patch_args: PatchArguments) -> nn.Module:
     if patch_args.lora:
         from peft import get_peft_model
 
-        from hf_sparse_attn.lora import lora_config
+        from hf_sparse_attn.training.lora import lora_config
 
         config = lora_config(model, r=patch_args.lora_r, alpha=patch_args.lora_alpha, dropout=patch_args.lora_dropout)
         model = get_peft_model(model, config)
@@ -397,14 +396,8 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, float]:
 
 
 def _save_patch_beside_adapter(trainer: Trainer) -> None:
-    """PEFT saves no ``config.json``; write the patch so that the base model can be patched before loading the
-    adapter: ``patch_model(base, **json.load(open(PATCH_FILE)))``."""
+    """PEFT saves no ``config.json``; write the patch beside the adapter (:func:`save_adapter_patch`), so that
+    ``hf_sparse_attn.from_pretrained(output_dir)`` returns the patched PEFT model."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not hasattr(model, "get_base_model") or not trainer.is_world_process_zero():
-        return
-    config = get_patch_config(model.get_base_model())
-    if config is None:
-        return
-    options = {k: v for k, v in config.to_dict().items() if k != "version"}
-    with open(os.path.join(trainer.args.output_dir, PATCH_FILE), "w") as f:
-        json.dump(options, f, indent=2)
+    if hasattr(model, "get_base_model") and trainer.is_world_process_zero():
+        save_adapter_patch(model, trainer.args.output_dir)

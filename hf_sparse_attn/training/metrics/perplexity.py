@@ -23,7 +23,7 @@ Args:
 Returns:
     perplexity: exp(mean nll); nll: the mean nll; num_tokens: how many tokens were scored.
 Examples:
-    >>> metric = evaluate.load("hf_sparse_attn/metrics/perplexity.py")
+    >>> metric = evaluate.load("hf_sparse_attn/training/metrics/perplexity.py")
     >>> metric.compute(predictions=[math.log(2.0), math.log(8.0)])["perplexity"]
     4.0
 """

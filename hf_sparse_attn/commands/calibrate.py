@@ -6,8 +6,8 @@ The next ``--held-out`` sentences measure the chosen rates on data the search ha
 (:func:`hf_sparse_attn.calibrate.measure_calibration`). Into ``--output-dir`` go the patched model and tokenizer
 (``save_pretrained``), ``calibration.json`` (the report; ``calibration_held_out.json`` for the held-out sentences),
 ``calibration.png`` (the heat map, when matplotlib is installed) and ``README.md``: the model card of
-:func:`hf_sparse_attn.hub.write_model_card` with a calibration section that shows the map and the rate of every
-layer and head. ``hf-sparse-attn push DIR REPO`` later keeps that section.
+:func:`hf_sparse_attn.publishing.hub.write_model_card` with a calibration section that shows the map and the rate
+of every layer and head. ``hf-sparse-attn push DIR REPO`` later keeps that section.
 
 ``--data`` is a text file (one sentence per line; ``.gz`` is read as gzip), a ``.tsv`` file with a header (column
 ``--text-column``; GLUE's ``SST-2/train.tsv`` for instance), or a Hub dataset id (``--data-config``, ``--split``,
@@ -35,7 +35,7 @@ REPORT_FILE, HELD_OUT_FILE, HEATMAP_FILE = "calibration.json", "calibration_held
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-sparse-attn calibrate``."""
-    from hf_sparse_attn.publish import TASKS
+    from hf_sparse_attn.commands.publish import TASKS
 
     parser.add_argument("model", help="Hub model id (e.g. openai-community/gpt2) or local checkpoint directory")
     parser.add_argument("--data", required=True, help="text file (a sentence per line), .tsv file, or Hub dataset id")
@@ -100,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
     """Load, calibrate, patch, save with report and card; returns the exit status."""
     from transformers import AutoTokenizer
 
-    from hf_sparse_attn import hub
     from hf_sparse_attn.calibrate import calibrate, measure_calibration
     from hf_sparse_attn.calibration_report import add_to_card
+    from hf_sparse_attn.commands.publish import load_model
     from hf_sparse_attn.patch import get_patch_config, patch_model, set_sparsity
-    from hf_sparse_attn.publish import load_model
+    from hf_sparse_attn.publishing import hub
 
     for name in ("num_sentences", "batch_size", "max_length"):
         if getattr(args, name) < 1:

@@ -8,7 +8,7 @@ with ``evaluate.load`` directly.
 Examples::
 
     >>> import evaluate
-    >>> from hf_sparse_attn.metrics import GLUE_SCRIPT, load_glue_metric
+    >>> from hf_sparse_attn.training.metrics import GLUE_SCRIPT, load_glue_metric
     >>> load_glue_metric("mrpc").compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666, 'f1': 0.6666666666666666}
     >>> evaluate.load(GLUE_SCRIPT, config_name="cola")  # the same module

@@ -1,4 +1,4 @@
-"""``hf-sparse-attn plot``: training curves from a Trainer output dir -- loss, evaluation metrics, per-layer sparsity.
+"""Training curves from a Trainer output dir -- loss, evaluation metrics, per-layer sparsity (``hf-sparse-attn plot``).
 
 Reads ``trainer_state.json`` (its ``log_history``) from the output dir, or from its latest ``checkpoint-*`` folder
 when the run has not finished, and draws up to three panels into a PNG: training and evaluation loss; the other
@@ -16,7 +16,6 @@ Drawing needs matplotlib, which is not a core dependency: ``pip install "hf-spar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -172,24 +171,3 @@ def _line(ax, steps: list[int], values: list[float], **style) -> None:
 
 def _label(key: str) -> str:
     return {"loss": "train loss", "eval_loss": "eval loss"}.get(key, key.removeprefix("eval_"))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", help="Trainer output dir (or a checkpoint-* dir, or a trainer_state.json)")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help=f"PNG to write, or a directory for {DEFAULT_NAME} (default: <output_dir>/{DEFAULT_NAME})",
-    )
-    parser.add_argument("--title", default=None, help="figure title")
-
-
-def run(args: argparse.Namespace) -> int:
-    log_history, state = read_log_history(args.output_dir)
-    run_dir = Path(args.output_dir) if Path(args.output_dir).is_dir() else state.parent
-    try:
-        out = plot_log_history(log_history, output_path(args.out, run_dir), title=args.title)
-    except ValueError as err:
-        raise ValueError(f"{state}: {err}") from None
-    print(f"wrote {out} (from {state})")
-    return 0

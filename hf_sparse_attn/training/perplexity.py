@@ -1,5 +1,5 @@
-"""Sliding-window perplexity of a causal LM on a text file or a Hub dataset, and the ``hf-sparse-attn eval-ppl``
-command.
+"""Sliding-window perplexity of a causal LM on a text file or a Hub dataset (``hf-sparse-attn eval-ppl`` is
+:mod:`hf_sparse_attn.commands.eval_ppl`).
 
 The text is tokenised as one sequence and scored in windows of ``max_length`` tokens that start every ``stride``
 tokens (the strided evaluation of the transformers perplexity guide). Each token is scored exactly once, in the
@@ -13,21 +13,18 @@ token of a window that has nothing before it is not scored (only the very first 
 It works for plain and patched models alike: the model's ``logits`` go through ``log_softmax``, which leaves the
 log-probabilities of our heads unchanged. The text is read with ``datasets`` (a file as one document, or a Hub
 dataset's split joined with blank lines as in the transformers perplexity guide), and the score is computed by the
-packaged ``evaluate`` perplexity module (:mod:`hf_sparse_attn.metrics`).
+packaged ``evaluate`` perplexity module (:mod:`hf_sparse_attn.training.metrics`).
 
-torch, transformers and datasets are imported inside the functions, so ``hf-sparse-attn eval-ppl --help`` is fast.
+torch, transformers and datasets are imported inside the functions.
 
 Examples::
 
-    $ hf-sparse-attn eval-ppl --model gpt2-moss --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1
-    $ hf-sparse-attn eval-ppl --model gpt2-moss --file wiki.test.tokens.gz
-    $ hf-sparse-attn eval-ppl --model ckpt --tokenizer gpt2 --file notes.txt --max-length 512 --stride 256
+    >>> from hf_sparse_attn.training.perplexity import perplexity
+    >>> perplexity(model, tokenizer, "wiki.valid.tokens.gz", max_length=1024, stride=512)["perplexity"]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -35,9 +32,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
-
-#: ``--dtype`` choices (names of torch dtypes); "auto" keeps the checkpoint's dtype
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_eval_text(
@@ -127,7 +121,9 @@ def perplexity(
         max_length (`int`, *optional*): window length (>= 2); default the model's maximum number of positions.
         batch_size (`int`, *optional*, defaults to 1): windows per forward pass.
         device (`str | torch.device`, *optional*): where to run; default the model's current device.
-        progress (`bool`, *optional*, defaults to True): show a tqdm progress bar.
+        progress (`bool`, *optional*, defaults to True): show a progress bar on stderr, through transformers' tqdm,
+            so ``transformers.utils.logging.disable_progress_bar()`` (or ``HF_HUB_DISABLE_PROGRESS_BARS=1``) hides
+            it as it hides transformers' own.
 
     Returns:
         `dict`: ``perplexity``, ``nll`` (mean negative log-likelihood per scored token, nats), ``num_tokens``
@@ -139,9 +135,9 @@ def perplexity(
         >>> round(result["perplexity"], 2)
     """
     import torch
-    from tqdm.auto import tqdm
+    from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
-    from hf_sparse_attn.metrics import load_perplexity_metric
+    from hf_sparse_attn.training.metrics import load_perplexity_metric
 
     if not (hasattr(model, "can_generate") and model.can_generate()):
         raise ValueError(
@@ -201,69 +197,3 @@ def perplexity(
         "seconds": seconds,
         "tokens_per_second": num_scored / seconds if seconds > 0 else float("inf"),
     }
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``hf-sparse-attn eval-ppl``."""
-    parser.add_argument("--model", required=True, help="checkpoint dir or Hub id (patched or plain causal LM)")
-    parser.add_argument("--file", help="UTF-8 text file to score (.gz is decompressed)")
-    parser.add_argument("--dataset-name", help="instead of --file: a Hub dataset (e.g. wikitext) or dataset folder")
-    parser.add_argument("--dataset-config-name", help="its configuration (e.g. wikitext-2-raw-v1)")
-    parser.add_argument("--split", default="test", help="the dataset split to score (default: test)")
-    parser.add_argument("--text-column", default="text", help="the dataset column holding the text (default: text)")
-    parser.add_argument("--tokenizer", help="tokenizer dir or Hub id (default: the --model path)")
-    parser.add_argument("--max-length", type=_positive_int, help="window length (default: the model's positions)")
-    parser.add_argument("--stride", type=_positive_int, help="tokens between windows (default: max-length / 2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
-    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: as saved)")
-    parser.add_argument("--output", help="also write the result as JSON to this file")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Load ``--model`` with :func:`hf_sparse_attn.from_pretrained` and print its perplexity on ``--file`` or the
-    ``--dataset-name`` split."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from hf_sparse_attn.patch import from_pretrained
-
-    text = load_eval_text(
-        args.file,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        split=args.split,
-        text_column=args.text_column,
-    )
-    model = from_pretrained(args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = perplexity(
-        model,
-        tokenizer,
-        text=text,
-        stride=args.stride,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        device=device,
-        progress=not args.no_progress,
-    )
-    source = args.file or " ".join(filter(None, (args.dataset_name, args.dataset_config_name, args.split)))
-    result = {"model": args.model, "file": args.file, "dataset_name": args.dataset_name, **result}
-    print(
-        f"{source}: perplexity {result['perplexity']:.3f} (mean NLL {result['nll']:.4f} nats) over "
-        f"{result['num_tokens']} tokens in {result['num_windows']} windows of {result['max_length']} "
-        f"(stride {result['stride']}); {result['seconds']:.1f} s, {result['tokens_per_second']:.0f} tokens/s"
-    )
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

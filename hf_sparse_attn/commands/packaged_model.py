@@ -96,7 +96,7 @@ def verify_folder(folder: str | os.PathLike, expected: dict[str, str] = SHA256) 
 
 def verified_package_folder() -> str:
     """The package's own folder of model files, after checking version and hashes; it lasts beyond this process,
-    for shell use (``MINILM=$(python -c "from hf_sparse_attn.packaged_model import verified_package_folder;
+    for shell use (``MINILM=$(python -c "from hf_sparse_attn.commands.packaged_model import verified_package_folder;
     print(verified_package_folder())")``). The folder also holds files that are not checked (a training script,
     caches): transformers does not read them, but prefer :func:`verified_minilm_path` in Python."""
     folder = package_folder()

@@ -22,15 +22,15 @@ from typing import Any
 
 from hf_sparse_attn import __version__
 
-#: command name -> (module implementing it, one-line help)
+#: command name -> (module of :mod:`hf_sparse_attn.commands` implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hf_sparse_attn.demo", "patch all-MiniLM-L6-v2, show its sparsity, fine-tune it with the Trainer"),
-    "patch": ("hf_sparse_attn.publish", "patch a checkpoint, save it with its model card, optionally push it"),
-    "push": ("hf_sparse_attn.hub", "push a patched checkpoint (e.g. a recipe's output dir) to the Hub with a card"),
-    "eval-ppl": ("hf_sparse_attn.perplexity", "perplexity of a (patched) causal LM on a text file"),
-    "calibrate": ("hf_sparse_attn.calibrate_cli", "choose r per layer or head from data; save the patched checkpoint"),
-    "plot": ("hf_sparse_attn.plotting", "plot loss/metric curves and per-layer sparsity from a Trainer output dir"),
-    "env": ("hf_sparse_attn.env", "print versions and devices, to paste into a bug report"),
+    "demo": ("demo", "patch all-MiniLM-L6-v2, show its sparsity, fine-tune it with the Trainer"),
+    "patch": ("publish", "patch a checkpoint, save it with its model card, optionally push it"),
+    "push": ("push", "push a patched checkpoint (e.g. a recipe's output dir) to the Hub with a card"),
+    "eval-ppl": ("eval_ppl", "perplexity of a (patched) causal LM on a text file"),
+    "calibrate": ("calibrate", "choose r per layer or head from data; save the patched checkpoint"),
+    "plot": ("plot", "plot loss/metric curves and per-layer sparsity from a Trainer output dir"),
+    "env": ("env", "print versions and devices, to paste into a bug report"),
 }
 
 
@@ -59,7 +59,7 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(f"{__package__}.{module_name}")
             module.add_arguments(command_parser)
             command_parser.set_defaults(_module=module)
     return parser
