@@ -292,3 +292,34 @@ def test_save_adapter_patch_of_unpatched_model_writes_nothing(tmp_path):
     model = get_peft_model(plain, lora_config(plain))
     assert hf_sparse_attn.save_adapter_patch(model, tmp_path) is None
     assert not (tmp_path / PATCH_FILE).exists()
+
+
+def test_trainer_checkpoints_of_an_adapter_reload_patched(tmp_path):
+    """Every ``checkpoint-N`` of a LoRA run carries the patch (AdapterPatchCallback), so a sparsity-only adapter
+    reloads with r-softmax, not silently as softmax; without the callback the checkpoint has no patch file."""
+    from hf_sparse_attn.training import AdapterPatchCallback
+
+    base = tiny_model(transformers.RobertaForSequenceClassification, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    model = hf_sparse_attn.patch_model(hf_sparse_attn.from_pretrained(tmp_path / "base"), sparsity=0.5)
+    model = get_peft_model(model, lora_config(model))
+    batch = inputs("roberta-cls")
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["labels"]))]
+
+    def train(output_dir, callbacks):
+        args = transformers.TrainingArguments(
+            output_dir=str(output_dir), max_steps=2, save_steps=2, per_device_train_batch_size=3,
+            learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        transformers.Trainer(model=model, args=args, train_dataset=examples, callbacks=callbacks).train()
+        return output_dir / "checkpoint-2"
+
+    plain = train(tmp_path / "plain", [])
+    assert not (plain / PATCH_FILE).exists()  # what a Trainer run without the callback leaves behind
+
+    checkpoint = train(tmp_path / "run", [AdapterPatchCallback()])
+    assert json.loads((checkpoint / PATCH_FILE).read_text())["sparsity"] == 0.5
+    again = hf_sparse_attn.from_pretrained(checkpoint).eval()
+    assert hf_sparse_attn.get_patch_config(again).sparsity == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hf_sparse_attn.training.callbacks import (
         LOG_PREFIX,
+        AdapterPatchCallback,
         SparsityLoggingCallback,
         SparsityScheduleCallback,
         add_first,
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> Any:
 #: public names re-exported from :mod:`hf_sparse_attn.training.callbacks`
 __all__ = [
     "LOG_PREFIX",
+    "AdapterPatchCallback",
     "SparsityLoggingCallback",
     "SparsityScheduleCallback",
     "add_first",

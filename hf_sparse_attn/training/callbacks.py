@@ -15,6 +15,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +23,11 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_sparse_attn.architectures import self_attention_modules
 from hf_sparse_attn.config import Sparsity, layer_rates, normalize_sparsity
-from hf_sparse_attn.patch import set_sparsity
+from hf_sparse_attn.patch import save_adapter_patch, set_sparsity
 from hf_sparse_attn.sparsity import measure_sparsity
 
 #: prefix of the logged per-layer sparsity keys: ``sparsity/layer_0``, ..., ``sparsity/mean``
@@ -180,6 +182,38 @@ class SparsityLoggingCallback(TrainerCallback):
         # Trainer.log appends a copy of `logs` to the history before calling the callbacks
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+
+
+class AdapterPatchCallback(TrainerCallback):
+    """Write the patch beside the PEFT adapter in every ``checkpoint-N`` folder the Trainer saves.
+
+    PEFT saves the adapter without the base's ``config.json``, which is where a full checkpoint carries its patch;
+    without the patch file :func:`hf_sparse_attn.from_pretrained` of a checkpoint would rebuild a *softmax* base
+    for a sparsity-only adapter. With this callback every checkpoint reloads as the patched PEFT model
+    (:func:`hf_sparse_attn.patch.save_adapter_patch` does the writing; the final ``output_dir`` needs one call of it
+    after ``trainer.save_model()``). A model that is not a PEFT model is left alone.
+
+    Examples::
+
+        >>> trainer = Trainer(model=peft_model, args=args, callbacks=[AdapterPatchCallback()])
+        >>> trainer.train()  # output_dir/checkpoint-500/ holds adapter + hf_sparse_attn_patch.json
+        >>> hf_sparse_attn.from_pretrained("output_dir/checkpoint-500")  # PeftModel on the patched base
+    """
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        model = extract_model_from_parallel(model) if model is not None else None
+        if model is None or not hasattr(model, "get_base_model") or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            save_adapter_patch(model, folder)
 
 
 def add_first(trainer: Trainer, callback: TrainerCallback) -> None:

@@ -47,7 +47,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_sparse_attn.config import CONFIG_KEY, HEAD_NAMES, PatchConfig, Sparsity
 from hf_sparse_attn.patch import from_pretrained, get_patch_config, patch_model, save_adapter_patch
 from hf_sparse_attn.publishing import hub
-from hf_sparse_attn.training.callbacks import SparsityLoggingCallback, SparsityScheduleCallback, add_first
+from hf_sparse_attn.training.callbacks import (
+    AdapterPatchCallback,
+    SparsityLoggingCallback,
+    SparsityScheduleCallback,
+    add_first,
+)
 from hf_sparse_attn.training.data import group_texts, load_text
 
 logger = logging.getLogger(__name__)
@@ -381,6 +386,7 @@ def train_and_evaluate(trainer: Trainer) -> dict[str, float]:
     if args.push_to_hub:  # save_model() then pushes; the card it writes gets our section
         hub.bind_trainer_card(trainer)
     if args.do_train:
+        trainer.add_callback(AdapterPatchCallback())  # checkpoint-N folders of a LoRA run reload patched too
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
         trainer.save_model()
         _save_patch_beside_adapter(trainer)
