@@ -8,8 +8,8 @@ finite wherever the scaled scores fit in fp16, as in SDPA (``q·k`` itself may o
 
 The kernel covers per-(batch, key) padding and an optional causal pattern with queries aligned to the end of the
 keys (query ``i`` sees key ``j`` iff ``j <= i + S - T``, as under a KV cache), one rate per head (or one for all),
-fp16/bf16/fp32, head dims 16/32/64/128, no attention dropout in training and no returned weights. Callers describe
-such a mask by its structure, ``key_padding [B, S]`` and ``causal_offset``, never by a materialised ``[B, T, S]``
+fp16/bf16/fp32, head dims 16/32/64/128, attention dropout (drawn inside the kernel), no returned weights. Callers
+describe such a mask by its structure, ``key_padding [B, S]`` and ``causal_offset``, never by a materialised ``[B, T, S]``
 mask: the dispatcher does not read mask values, so the kernel path makes no host sync and allocates nothing of size
 ``[B, T, S]``, and which path runs never depends on data. A general boolean ``valid`` mask or an additive ``bias``
 takes the reference. :mod:`hf_sparse_attn.attention` derives the structure from what transformers hands over.
@@ -108,12 +108,7 @@ def structured_mask(
 
 
 def kernel_unsupported_reason(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    dropout: float = 0.0,
-    training: bool = False,
-    need_weights: bool = False,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False
 ) -> str | None:
     """Why the Triton kernel cannot run this call (static checks only, no device sync), or None if it can.
 
@@ -124,8 +119,6 @@ def kernel_unsupported_reason(
         return f"head dim {query.shape[-1]} (value {value.shape[-1]}); the kernel supports {KERNEL_HEAD_DIMS}"
     if key.shape[:2] != query.shape[:2] or value.shape[:3] != key.shape[:3]:
         return f"key/value shapes {tuple(key.shape)}/{tuple(value.shape)} need the [B, H] of query (no GQA)"
-    if training and dropout > 0:
-        return f"attention dropout {dropout} in training"
     if need_weights:
         return "attention weights were requested (the kernel never materialises them)"
     if not triton_available():
@@ -224,8 +217,6 @@ def _kernel_plan(
     key_padding: torch.Tensor | None,
     causal_offset: int | None,
     rate: float | torch.Tensor,
-    dropout: float,
-    training: bool,
     need_weights: bool,
     backend: str,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, bool] | None, str | None]:
@@ -241,7 +232,7 @@ def _kernel_plan(
         return None, "the reference backend was requested" if backend == "reference" else f"{KERNELS_ENV}=0"
     if backend == "auto" and not query.is_cuda:
         return None, f"tensors are on {query.device.type}, not CUDA"
-    reason = kernel_unsupported_reason(query, key, value, dropout, training, need_weights)
+    reason = kernel_unsupported_reason(query, key, value, need_weights)
     if reason is not None:
         return None, reason
     if valid is not None or bias is not None:
@@ -335,7 +326,7 @@ def r_softmax_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     plan, reason = _kernel_plan(
-        query, key, value, valid, bias, key_padding, causal_offset, rate, dropout, training, need_weights, backend
+        query, key, value, valid, bias, key_padding, causal_offset, rate, need_weights, backend
     )
     if plan is None:
         if backend == "triton":
@@ -349,4 +340,11 @@ def r_softmax_attention(
 
     key, value, key_padding, rates, causal = plan
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
-    return RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rates, causal, float(scaling), float(eps)), None
+    p_drop = float(dropout) if training else 0.0
+    # the kernel's counter-based dropout is keyed by a seed drawn from torch's CPU generator: it follows
+    # torch.manual_seed and costs no device sync (the reference's F.dropout draws a different mask, same law)
+    seed = int(torch.randint(0, 2**62, ()).item()) if p_drop > 0 else 0
+    output = RSoftmaxAttentionFunction.apply(
+        q, k, v, key_padding, rates, causal, float(scaling), float(eps), None, p_drop, seed
+    )
+    return output, None

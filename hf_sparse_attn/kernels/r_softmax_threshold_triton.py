@@ -338,8 +338,10 @@ def _threshold_kernel(
         n_pass += 1
         todo = tl.where(n_pass < MAX_PASSES, tl.max(tl.where(m_done, 0, 1), 0), 0)
 
-    # torch.lerp's formula, so that the quantile matches torch.quantile's
-    b_quantile = tl.where(b_frac < 0.5, x_lo + b_frac * (x_hi - x_lo), x_hi - (x_hi - x_lo) * (1.0 - b_frac))
+    # torch.lerp's formula with its single rounding (ATen's vectorised CPU lerp and the CUDA one are FMAs), so that
+    # the quantile matches torch.quantile's bit for bit
+    small = b_frac < 0.5
+    b_quantile = tl.fma(tl.where(small, b_frac, b_frac - 1.0), x_hi - x_lo, tl.where(small, x_lo, x_hi))
     m_empty = b_cnt == 0
     b_max = tl.where(m_nan, float("nan"), tl.where(m_empty, 0.0, b_max))
     b_t = tl.where(m_nan, float("nan"), tl.where(m_empty, eps, (b_max - b_quantile) + eps))

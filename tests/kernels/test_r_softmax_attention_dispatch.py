@@ -74,18 +74,10 @@ def test_default_scaling_and_dropout() -> None:
     torch.testing.assert_close(weights, probs)  # weights are returned before dropout
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"dropout": 0.1, "training": True}, "dropout"),
-        ({"need_weights": True}, "weights"),
-    ],
-    ids=["dropout", "need-weights"],
-)
-def test_static_reasons_against_the_kernel(kwargs: dict, message: str) -> None:
+def test_static_reasons_against_the_kernel() -> None:
     q, k, v = (x.to("meta") for x in qkv())
-    reason = kernel_unsupported_reason(q, k, v, **kwargs)
-    assert reason is not None and message in reason
+    reason = kernel_unsupported_reason(q, k, v, need_weights=True)
+    assert reason is not None and "weights" in reason
 
 
 def test_shape_and_dtype_reasons_against_the_kernel() -> None:
@@ -169,7 +161,7 @@ def test_kernel_plan_makes_no_sync_and_no_scores_sized_temporary(
     q, k, v = qkv(batch=batch, heads=3, t_len=t_len, s_len=s_len)
     key_padding = padding_causal_mask(batch, 1, s_len)[:, 0, 0, :].clone() if padding else None  # (B, S)
     rates = torch.tensor([0.2, 0.5, 0.8]) if rate == "per-head" else rate
-    arguments = (q, k, v, None, None, key_padding, offset, rates, 0.0, False, False, "triton")
+    arguments = (q, k, v, None, None, key_padding, offset, rates, False, "triton")
     dispatch._kernel_plan(*arguments)  # the first call may check a rate tensor's range
     with DeviceTraffic(batch * t_len * s_len, (q, k, v)) as traffic:
         plan, reason = dispatch._kernel_plan(*arguments)
@@ -186,7 +178,7 @@ def test_kernel_rates_follow_in_place_changes_of_a_rate_tensor(monkeypatch: pyte
     rates = torch.tensor([0.2, 0.5, 0.8])
 
     def planned_rates() -> list[float]:
-        plan, reason = dispatch._kernel_plan(q, k, v, None, None, None, None, rates, 0.0, False, False, "triton")
+        plan, reason = dispatch._kernel_plan(q, k, v, None, None, None, None, rates, False, "triton")
         return plan[3].tolist()
 
     assert planned_rates() == pytest.approx([0.2, 0.5, 0.8])
@@ -221,7 +213,7 @@ def test_kernel_plan_from_structure(monkeypatch: pytest.MonkeyPatch) -> None:
         arguments = {"valid": None, "bias": None, "key_padding": None, "causal_offset": None, **kwargs}
         return dispatch._kernel_plan(
             q, k, v, arguments["valid"], arguments["bias"], arguments["key_padding"], arguments["causal_offset"],
-            0.5, 0.0, False, False, "triton",
+            0.5, False, "triton",
         )  # fmt: skip
 
     (key, value, key_padding, rates, causal), _ = plan(causal_offset=4, key_padding=one_row)
@@ -484,3 +476,33 @@ def test_returning_weights_covers_models_loaded_by_the_registered_name(tmp_path)
     assert weights[0] is None
     assert weights[1].shape == (3, 4, 12, 12)
     torch.testing.assert_close(weights[1].sum(-1), torch.ones(3, 4, 12))
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+def test_training_with_dropout_takes_the_kernel_with_a_seed_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention dropout in training no longer sends the call to the reference: the kernel draws the mask, keyed by
+    a seed taken from torch's CPU generator, so ``torch.manual_seed`` makes it reproducible; the output equals the
+    reference with the kernel's own mask (:func:`dropout_keep_mask` of that seed)."""
+    from hf_sparse_attn.kernels.r_softmax_attention_triton import dropout_keep_mask
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(t_len=6, s_len=9)
+    key_padding = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])  # (B, S)
+    p_drop, scaling = 0.4, 0.25
+
+    def run() -> torch.Tensor:
+        torch.manual_seed(11)
+        out, weights = r_softmax_attention(
+            q, k, v, None, 0.5, scaling, dropout=p_drop, training=True, key_padding=key_padding, backend="triton"
+        )
+        assert weights is None  # the kernel path ran
+        return out
+
+    out = run()
+    assert torch.equal(run(), out)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, ()).item())  # what the dispatcher draws
+    keep = dropout_keep_mask(seed, p_drop, 2, 3, 6, 9, "cpu")  # (B, H, T, S)
+    probs = r_softmax(q @ k.transpose(-1, -2) * scaling, 0.5, mask=key_padding[:, None, None, :])
+    expected = ((probs * keep / (1 - p_drop)) @ v).transpose(1, 2)  # (B, T, H, D)
+    torch.testing.assert_close(out, expected)  # fp32 defaults
