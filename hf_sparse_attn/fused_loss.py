@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,11 +111,22 @@ def enable_fused_loss(model: nn.Module) -> nn.Module:
     if name not in _CAUSAL_CLASSES and name not in _MASKED_CLASSES:
         return model
     if not getattr(model, _MARK, False):
-        # the class forward's signature, name and docstring: Trainer reads the signature to keep the input columns
-        forward = functools.wraps(type(model).forward)(functools.partial(_fused_forward))
-        model.forward = types.MethodType(forward, model)
+        model.forward = types.MethodType(_instance_forward(type(model)), model)
         setattr(model, _MARK, True)
     return model
+
+
+@functools.cache
+def _instance_forward(model_class: type) -> Callable[..., Any]:
+    """:func:`_fused_forward` under the class forward's signature, name and docstring (Trainer reads the signature
+    to keep the input columns). A plain function, not a ``functools.partial``: ``torch.compile`` needs its source
+    file to trace the model."""
+
+    @functools.wraps(model_class.forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _fused_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def disable_fused_loss(model: nn.Module) -> nn.Module:

@@ -265,3 +265,16 @@ def test_doctests():
     globs = {"torch": torch, "nn": nn, "F": F, "build_head": build_head}
     result = doctest.testmod(module, extraglobs=globs)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("head", [None, "moss"])
+def test_torch_compile_fullgraph_of_a_patched_causal_lm(head):
+    """The instance forward that routes the fused loss is a plain function under the class signature, so dynamo can
+    trace a patched GPT-2 LM in one graph (a ``functools.partial`` there made ``torch.compile`` fail outright)."""
+    model = hf_sparse_attn.patch_model(tiny_model(transformers.GPT2LMHeadModel), sparsity=0.5, head=head)
+    assert fused_loss_enabled(model)
+    ids = padded_batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids).logits
+    torch.testing.assert_close(compiled, expected)
