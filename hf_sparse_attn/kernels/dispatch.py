@@ -10,12 +10,12 @@ The kernel covers per-(batch, key) padding and an optional causal pattern with q
 keys (query ``i`` sees key ``j`` iff ``j <= i + S - T``, as under a KV cache), one rate per head (or one for all),
 fp16/bf16/fp32, head dims 16/32/64/128, attention dropout (drawn inside the kernel), no returned weights. Callers
 describe such a mask by its structure, ``key_padding [B, S]`` and ``causal_offset``, never by a materialised
-``[B, T, S]`` mask: the dispatcher does not read mask values, so the kernel path makes no host sync and allocates nothing
-of size ``[B, T, S]``, and which path runs never depends on data. A general boolean ``valid`` mask or an additive
-``bias`` takes the reference. :mod:`hf_sparse_attn.attention` derives the structure from what transformers hands
-over. ``backend="auto"`` uses the kernel for a (device, dtype, head dim) only after it passed a first-use self-check
-against the reference (:mod:`hf_sparse_attn.kernels.self_check`). Nothing here hides a NaN: a NaN score at a valid
-key gives a NaN row on every path.
+``[B, T, S]`` mask: the dispatcher does not read mask values, so the kernel path makes no host sync and allocates
+nothing of size ``[B, T, S]``, and which path runs never depends on data. A general boolean ``valid`` mask or an
+additive ``bias`` takes the reference. :mod:`hf_sparse_attn.attention` derives the structure from what transformers
+hands over. ``backend="auto"`` uses the kernel for a (device, dtype, head dim) only after it passed a first-use
+self-check against the reference (:mod:`hf_sparse_attn.kernels.self_check`). Nothing here hides a NaN: a NaN score
+at a valid key gives a NaN row on every path.
 """
 
 from __future__ import annotations
