@@ -7,27 +7,13 @@ block size smaller than the vocabulary makes every row take several blocks in bo
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+import triton_interpreter  # noqa: F401  (before Triton loads: its CPU interpreter without CUDA; skip without Triton)
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.max, InterpretedFunction):
-        pytest.skip(
-            "no CUDA, and Triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
-            allow_module_level=True,
-        )
-
-from hf_sparse_attn.kernels import fused_head_loss, head_loss_triton  # noqa: E402
-from hf_sparse_attn.kernels.head_loss_dispatch import row_kernel  # noqa: E402
-from hf_sparse_attn.ops.head_loss import row_loss_and_grad  # noqa: E402
+from hf_sparse_attn.kernels import fused_head_loss, head_loss_triton
+from hf_sparse_attn.kernels.head_loss_dispatch import row_kernel
+from hf_sparse_attn.ops.head_loss import row_loss_and_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,37 +12,20 @@ at realistic sizes on CUDA.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+import triton_interpreter  # noqa: F401  (before Triton loads: its CPU interpreter without CUDA; skip without Triton)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# TRITON_INTERPRET is read whenever a function is decorated with @triton.jit, Triton's own standard library
-# (tl.max, tl.sum, ...) included, at `import triton`. Anything may import Triton early (torch._dynamo does, through
-# transformers and peft), so this module sorts first in the default run; otherwise set TRITON_INTERPRET=1 outside.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.max, InterpretedFunction):
-        pytest.skip(
-            "no CUDA, and Triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
-            allow_module_level=True,
-        )
-
-from hf_sparse_attn.kernels import r_softmax_attention  # noqa: E402
-from hf_sparse_attn.kernels.r_softmax_attention_triton import (  # noqa: E402
+from hf_sparse_attn.kernels import r_softmax_attention
+from hf_sparse_attn.kernels.r_softmax_attention_triton import (
     RSoftmaxAttentionFunction,
     dropout_keep_mask,
     r_softmax_attention_fwd,
 )
-from hf_sparse_attn.kernels.r_softmax_threshold_triton import r_softmax_threshold  # noqa: E402
-from hf_sparse_attn.ops.r_softmax import r_softmax, r_softmax_margin  # noqa: E402
+from hf_sparse_attn.kernels.r_softmax_threshold_triton import r_softmax_threshold
+from hf_sparse_attn.ops.r_softmax import r_softmax, r_softmax_margin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-8
