@@ -100,13 +100,8 @@ def test_every_trainable_parameter_gets_a_gradient(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_adapter_reloads_on_freshly_patched_base(tmp_path, name):
     model, _ = peft_model(name)
-    model.train()
+    train_three_steps(model, name)
     batch = inputs(name)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
@@ -174,6 +169,11 @@ def lora_trained(name: str, base):
     """``base`` patched as ``CASES[name]`` says, wrapped with LoRA and trained for 3 steps."""
     model = hf_sparse_attn.patch_model(base, **CASES[name][1])
     model = get_peft_model(model, lora_config(model, r=4, alpha=8))
+    return train_three_steps(model, name)
+
+
+def train_three_steps(model, name: str):
+    """Three Adam steps (lr 1e-2) of ``model``'s trainable parameters on ``inputs(name)``; returns ``model``."""
     model.train()
     batch = inputs(name)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
