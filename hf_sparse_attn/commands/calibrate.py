@@ -35,7 +35,7 @@ REPORT_FILE, HELD_OUT_FILE, HEATMAP_FILE = "calibration.json", "calibration_held
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-sparse-attn calibrate``."""
-    from hf_sparse_attn.commands.publish import TASKS
+    from hf_sparse_attn.commands.publish import add_task_argument
 
     parser.add_argument("model", help="Hub model id (e.g. openai-community/gpt2) or local checkpoint directory")
     parser.add_argument("--data", required=True, help="text file (a sentence per line), .tsv file, or Hub dataset id")
@@ -56,12 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="output change: kl (output distribution), hidden (final hidden state); auto: kl with an LM head",
     )
-    parser.add_argument(
-        "--task",
-        choices=["auto", *TASKS],
-        default="auto",
-        help="model class to load: auto (the class config.json names), or a task's Auto class",
-    )
+    add_task_argument(parser)
     parser.add_argument("--output-dir", required=True, help="directory for the patched checkpoint, card and report")
 
 

@@ -32,6 +32,16 @@ TASKS = {
 HEAD_OPTIONS = ("num_mixtures", "num_knots", "knot_range")
 
 
+def add_task_argument(parser: argparse.ArgumentParser) -> None:
+    """``--task``: which class loads MODEL (shared by the commands that load a checkpoint)."""
+    parser.add_argument(
+        "--task",
+        choices=["auto", *TASKS],
+        default="auto",
+        help="model class to load: auto (the class config.json names), or a task's Auto class",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hf-sparse-attn patch``."""
     parser.add_argument("model", help="Hub model id (e.g. openai-community/gpt2) or local checkpoint directory")
@@ -44,12 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-mixtures", type=int, help="mixture components K of the mos / moss heads")
     parser.add_argument("--num-knots", type=int, help="knots of the plif head")
     parser.add_argument("--knot-range", type=float, help="the plif knots span [-knot_range, knot_range]")
-    parser.add_argument(
-        "--task",
-        choices=["auto", *TASKS],
-        default="auto",
-        help="model class to load: auto (the class config.json names), or a task's Auto class",
-    )
+    add_task_argument(parser)
     parser.add_argument("--num-labels", type=int, help="labels of a new classifier (--task sequence-classification)")
     parser.add_argument("--model-revision", help="branch, tag or commit of MODEL on the Hub")
     parser.add_argument("--output-dir", required=True, help="directory to write the patched checkpoint and card to")
