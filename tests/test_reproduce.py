@@ -143,7 +143,8 @@ def test_lm_driver_and_summariser(tiny_corpus: Path, tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
     markers = "".join(
-        f"<!-- reproduce:{k} -->\nold\n<!-- /reproduce:{k} -->\n" for k in ("glue", "lm_heads", "finetune")
+        f"<!-- reproduce:{k} -->\nold\n<!-- /reproduce:{k} -->\n"
+        for k in ("glue", "lm_heads", "finetune", "calibration")
     )
     doc.write_text("# Results\n\n" + markers + "end\n")
     text = summarise.summarise(tmp_path / "results", doc, tmp_path / "docs" / "images")
@@ -182,3 +183,85 @@ def test_summariser_needs_the_markers(tmp_path: Path) -> None:
     doc.write_text("# Results\n<!-- reproduce:glue -->\n<!-- /reproduce:glue -->\n")
     with pytest.raises(ValueError, match="reproduce:lm_heads"):
         summarise(tmp_path / "none", doc, tmp_path / "images")
+
+
+def _record(table: str, setting: str, seed: int, accuracy: float, runtime: float, **config: object) -> dict:
+    """A finished run's JSON as the runner writes it (the fields the summariser reads)."""
+    return {"table": table, "setting": setting, "seed": seed, "name": f"{setting.replace('/', '-')}-seed{seed}",
+            "config": config, "metrics": {"eval": {"eval_accuracy": accuracy}}, "steps": 10, "resumed": False,
+            "train": {"train_runtime": runtime}, "checkpoint": None,
+            "log_history": [{"sparsity/mean": 0.5, "step": 10}, {"eval_runtime": 1.0, "step": 10}]}  # fmt: skip
+
+
+def _report(rates: list, output_change: float) -> dict:
+    """A CalibrationReport's JSON for a 2-layer, 2-head model."""
+    heads = [[r, r] if not isinstance(r, list) else r for r in rates]
+    zeros = [[0.0 if r is None else r for r in row] for row in heads]
+    return {"model_type": "bert", "causal": False, "measure": "hidden", "rates": rates, "head_rates": heads,
+            "zero_fraction": zeros, "attention_error": [[1e-3, 2e-3], [0.0, 4e-3]], "output_change": output_change,
+            "output_change_se": 0.01, "num_sentences": 8, "granularity": "head", "budget": None,
+            "target_sparsity": 0.5, "forward_passes": 4, "mean_sparsity": sum(map(sum, zeros)) / 4}  # fmt: skip
+
+
+def test_summariser_calibration_table_pairs_seeds_and_draws_the_map(tmp_path: Path) -> None:
+    from benchmarks.reproduce import calibration, summarise
+
+    settings = {"task": "sst2", "sentences": 8}
+    results = tmp_path / "results"
+    for table in ("glue", "calibration"):
+        (results / table).mkdir(parents=True)
+    uniform = {0: 0.80, 1: 0.84, 2: 0.82}  # seed -> dev accuracy; seed 2 has no calibrated twin yet
+    calibrated = {0: 0.83, 1: 0.85}
+    for seed, accuracy in uniform.items():
+        record = _record("glue", "sst2/r=0.5", seed, accuracy, runtime=21.0)
+        (results / "glue" / f"{record['name']}.json").write_text(json.dumps(record))
+    checkpoint = tmp_path / "calibrated-seed0"
+    _tiny_patched_bert([[0.7, 0.3], None]).save_pretrained(checkpoint)
+    for seed, accuracy in calibrated.items():
+        record = _record("calibration", "sst2/calibrated", seed, accuracy, runtime=31.0, calibration=settings)
+        record["checkpoint"] = str(checkpoint) if seed == 0 else None
+        (results / "calibration" / f"{record['name']}.json").write_text(json.dumps(record))
+    calibrated_map = {"settings": settings, "uniform": _report([0.5, 0.5], 0.30),
+                      "calibrated": _report([[0.7, 0.3], None], 0.20)}  # fmt: skip
+    (results / "calibration" / f"{calibration.MAP_PREFIX}sst2-x.json").write_text(json.dumps(calibrated_map))
+
+    doc = tmp_path / "results.md"
+    markers = "".join(
+        f"<!-- reproduce:{k} -->\n<!-- /reproduce:{k} -->\n" for k in ("glue", "lm_heads", "finetune", "calibration")
+    )
+    doc.write_text(markers)
+    text = summarise.summarise(results, doc, tmp_path / "images")
+    differences = [calibrated[s] - uniform[s] for s in (0, 1)]
+    uniform_row = (f"| sst2 | r = 0.5 everywhere | 0.500 | 0.300 ± 0.010 | 0.500 | accuracy | "
+                   f"{statistics.mean(uniform.values()):.4f} ± {statistics.stdev(uniform.values()):.4f} | — | "
+                   "1.00× | 3 |")  # fmt: skip
+    calibrated_row = (f"| sst2 | calibrated per head | 0.250 | 0.200 ± 0.010 | 0.500 | accuracy | "
+                      f"{statistics.mean(calibrated.values()):.4f} ± {statistics.stdev(calibrated.values()):.4f} | "
+                      f"{statistics.mean(differences):.4f} ± {statistics.stdev(differences):.4f} (2 paired) | "
+                      f"{30 / 20:.2f}× | 2 |")  # fmt: skip
+    assert uniform_row in text and calibrated_row in text
+    image = tmp_path / "images" / summarise.CALIBRATION_PLOT.format(task="sst2")
+    assert image.read_bytes().startswith(PNG_MAGIC)
+    assert f"(images/{image.name})" in text
+    assert summarise.summarise(results, doc, tmp_path / "images") == text  # idempotent
+
+    # the calibrated setting's card carries its map: the rate table and the heat map beside the card
+    (card,) = summarise.render_cards(results, tmp_path / "cards")
+    assert card.parent.name == "minilm-sst2-calibrated"
+    text = card.read_text()
+    assert (
+        "## Calibrated sparsity" in text
+        and "| 0 | 0.70 | 0.30 | 0.500 |" in text
+        and "| 1 | softmax | softmax |" in text
+    )
+    assert (card.parent / "calibration.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _tiny_patched_bert(rates: list):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import hf_sparse_attn
+
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16)  # fmt: skip
+    return hf_sparse_attn.patch_model(BertForSequenceClassification(config), sparsity=rates)

@@ -43,6 +43,8 @@ TABLE = "calibration"
 UNIFORM, UNIFORM_RATE = "r=0.5", 0.5
 #: how the calibration batches are formed (sentences per forward pass)
 CALIBRATION_BATCH = 32
+#: file-name prefix of the calibration maps, which live beside the run JSON files of this table
+MAP_PREFIX = "map-"
 _NOT_YET = "(computed before the first run)"
 
 
@@ -71,7 +73,7 @@ def calibration_settings(task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def map_path(settings: dict[str, Any], args: argparse.Namespace) -> Path:
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return args.results_dir / TABLE / f"map-{settings['task']}-{tag}.json"
+    return args.results_dir / TABLE / f"{MAP_PREFIX}{settings['task']}-{tag}.json"
 
 
 def calibration_map(model_path: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Render the reproduction tables and plots from the run JSON files only, into ``docs/results.md`` and ``docs/images/``.
 
 Each table replaces the text between its two markers in the document (``<!-- reproduce:glue -->`` …
-``<!-- /reproduce:glue -->``, likewise ``lm_heads`` and ``finetune``), so the prose around them stays; rerunning with
+``<!-- /reproduce:glue -->``, likewise ``lm_heads``, ``finetune`` and ``calibration``), so the prose around them
+stays; rerunning with
 no new results changes nothing. Settings without any finished run are left out; the ``seeds`` column says how many
 runs each cell averages. Mean ± sample standard deviation over seeds (a single seed: the value alone).
 
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reproduce import glue, lm_heads
+from benchmarks.reproduce import calibration, glue, lm_heads
 from benchmarks.reproduce.runner import REPO, RESULTS_DIR
 
 GLUE_PLOT = "reproduce_glue_metric_vs_r.png"
@@ -32,8 +33,10 @@ GLUE_PLOT = "reproduce_glue_metric_vs_r.png"
 GLUE_DATASET = "nyu-mll/glue"
 LM_DATASETS = {"ptb": "ptb-text-only/ptb_text_only", "wt2": "Salesforce/wikitext"}
 #: card folder name = prefix + setting, e.g. ``minilm-rte-r0.5``, ``gpt2-ptb-mos``
-CARD_PREFIX = {glue.TABLE: "minilm-", lm_heads.TABLE: "gpt2-"}
+CARD_PREFIX = {glue.TABLE: "minilm-", lm_heads.TABLE: "gpt2-", calibration.TABLE: "minilm-"}
 LM_PLOT = "reproduce_lm_curves.png"
+#: the heat map of each task's calibrated map (``{task}`` filled in), in the images folder and in its model card
+CALIBRATION_PLOT = "reproduce_calibration_{task}.png"
 Record = dict[str, Any]
 
 
@@ -41,6 +44,8 @@ def load(results_dir: Path, table: str) -> dict[str, list[Record]]:
     """The finished runs of ``table``, by setting (seeds in order)."""
     groups: dict[str, list[Record]] = {}
     for path in sorted((results_dir / table).glob("*.json")):
+        if path.name.startswith(calibration.MAP_PREFIX):
+            continue  # a calibration map, not a run
         record = json.loads(path.read_text())
         groups.setdefault(record["setting"], []).append(record)
     for runs in groups.values():
@@ -153,6 +158,92 @@ def finetune_table(groups: dict[str, list[Record]]) -> str:
     return table(header, rows) if rows else "_No finished run yet._"
 
 
+def calibration_maps(results_dir: Path) -> list[Record]:
+    """The calibration maps ``calibration.py`` computed (its ``settings`` and both methods' reports)."""
+    return [
+        json.loads(p.read_text()) for p in sorted((results_dir / calibration.TABLE).glob(calibration.MAP_PREFIX + "*"))
+    ]
+
+
+def calibration_map_of(runs: Sequence[Record], maps: Sequence[Record]) -> Record | None:
+    """The map the calibrated ``runs`` were trained with (matched by its settings), None if it is not on disk."""
+    return next((m for m in maps if m["settings"] == runs[0]["config"]["calibration"]), None)
+
+
+def calibration_table(
+    glue_groups: dict[str, list[Record]], groups: dict[str, list[Record]], maps: Sequence[Record]
+) -> str:
+    """Per task: the uniform rate (table 1's run) and the calibrated per-head map, at the same mean sparsity.
+
+    The calibration columns come from the map file (measured on the calibration examples before fine-tuning); the
+    paired difference is calibrated minus uniform over the seeds both have finished."""
+    rows = []
+    for task in glue.TASKS:
+        calibrated = groups.get(f"{task}/calibrated")
+        if not calibrated:
+            continue
+        uniform = glue_groups.get(f"{task}/{calibration.UNIFORM}", [])
+        found = calibration_map_of(calibrated, maps)
+        metric = glue.METRIC[task]
+        score = {method: {r["seed"]: r["metrics"]["eval"][metric] for r in runs}
+                 for method, runs in (("uniform", uniform), ("calibrated", calibrated))}  # fmt: skip
+        paired = sorted(set(score["uniform"]) & set(score["calibrated"]))
+        reference = seconds_per_step(uniform) if uniform else None
+        for method, runs in (("uniform", uniform), ("calibrated", calibrated)):
+            if not runs:
+                continue
+            report = found[method] if found else None
+            sparsity = [s for s in map(final_sparsity, runs) if s is not None]
+            difference = "—"
+            if method == "calibrated" and paired:
+                difference = mean_sd([score["calibrated"][s] - score["uniform"][s] for s in paired], 4)
+                difference = f"{difference} ({len(paired)} paired)"
+            rows.append(
+                [
+                    task,
+                    f"r = {calibration.UNIFORM_RATE} everywhere" if method == "uniform" else "calibrated per head",
+                    f"{report['mean_sparsity']:.3f}" if report else "—",
+                    f"{report['output_change']:.3f} ± {report['output_change_se']:.3f}" if report else "—",
+                    f"{statistics.mean(sparsity):.3f}" if sparsity else "—",
+                    metric.removeprefix("eval_"),
+                    mean_sd(list(score[method].values()), 4),
+                    difference,
+                    ratio(seconds_per_step(runs), reference),
+                    str(len(runs)),
+                ]
+            )
+    header = [
+        "task",
+        "rates",
+        "mean sparsity (calibration data)",
+        "output change (calibration data)",
+        "measured sparsity (dev, end)",
+        "metric (dev)",
+        "mean ± sd",
+        "calibrated − uniform",
+        "train time / step vs uniform",
+        "seeds",
+    ]
+    return table(header, rows) if rows else "_No finished run yet._"
+
+
+def plot_calibration(groups: dict[str, list[Record]], maps: Sequence[Record], images_dir: Path) -> list[Path]:
+    """The heat map (rate, zero fraction, attention error per layer and head) of each task's calibrated map."""
+    from hf_sparse_attn.calibration_report import CalibrationReport
+
+    paths = []
+    for task in glue.TASKS:
+        runs = groups.get(f"{task}/calibrated")
+        found = calibration_map_of(runs, maps) if runs else None
+        if found is None:
+            continue
+        report = CalibrationReport(**{k: v for k, v in found["calibrated"].items() if k != "mean_sparsity"})
+        paths.append(
+            report.heatmap(images_dir / CALIBRATION_PLOT.format(task=task), title=f"{task}: {report.summary()}")
+        )
+    return paths
+
+
 def figure(columns: int, rows: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -229,15 +320,24 @@ def image_link(path: Path, doc: Path, alt: str) -> str:
 def summarise(results_dir: Path, doc: Path, images_dir: Path) -> str:
     """Render every table (and its plot when there is data) into ``doc``; returns the new text."""
     glue_runs, lm_runs = load(results_dir, glue.TABLE), load(results_dir, lm_heads.TABLE)
+    calibrated_runs, maps = load(results_dir, calibration.TABLE), calibration_maps(results_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
     plots = {"glue": (plot_glue, glue_runs, GLUE_PLOT), "lm_heads": (plot_lm, lm_runs, LM_PLOT)}
-    bodies = {"glue": glue_table(glue_runs), "lm_heads": lm_table(lm_runs), "finetune": finetune_table(lm_runs)}
+    bodies = {
+        "glue": glue_table(glue_runs),
+        "lm_heads": lm_table(lm_runs),
+        "finetune": finetune_table(lm_runs),
+        "calibration": calibration_table(glue_runs, calibrated_runs, maps),
+    }
     text = doc.read_text()
     for key, body in bodies.items():
         if key in plots:
             plot, runs, image = plots[key]
             if plot(runs, images_dir / image):
                 body += "\n\n" + image_link(images_dir / image, doc, f"{key} results")
+        if key == "calibration":
+            for path in plot_calibration(calibrated_runs, maps, images_dir):
+                body += "\n\n" + image_link(path, doc, f"calibrated map: {path.stem}")
         text = replace_between(text, key, body, doc)
     doc.write_text(text)
     return text
@@ -245,7 +345,7 @@ def summarise(results_dir: Path, doc: Path, images_dir: Path) -> str:
 
 def card_inputs(record: Record) -> dict[str, Any]:
     """What the model card of a run says beyond its checkpoint: base model, dataset and results."""
-    if record["table"] == glue.TABLE:
+    if record["table"] in (glue.TABLE, calibration.TABLE):
         return {"base_model": glue.BASE_MODEL, "dataset": GLUE_DATASET, "eval_results": record["metrics"]["eval"]}
     results = {
         f"{split} perplexity": record["metrics"][key]["eval_perplexity"]
@@ -257,14 +357,19 @@ def card_inputs(record: Record) -> dict[str, Any]:
 def render_cards(results_dir: Path, cards_dir: Path) -> list[Path]:
     """``cards_dir/<setting>/README.md`` for the kept checkpoint (first seed) of every patched setting, rendered with
     :func:`hf_sparse_attn.publishing.hub.create_model_card` from the checkpoint's ``config.json`` and the run's
-    JSON. Softmax settings are plain transformers models with no patch to describe, so they get no card."""
+    JSON. Softmax settings are plain transformers models with no patch to describe, so they get no card. A
+    calibrated setting's card also carries its map (the heat map beside the card and the rate table), as the card
+    ``hf-sparse-attn calibrate`` writes."""
     from transformers import AutoConfig
 
+    from hf_sparse_attn.calibration_report import CalibrationReport, add_to_card
+    from hf_sparse_attn.commands.calibrate import HEATMAP_FILE
     from hf_sparse_attn.config import CONFIG_KEY
     from hf_sparse_attn.publishing.hub import create_model_card
 
     written = []
-    for table in (glue.TABLE, lm_heads.TABLE):
+    maps = calibration_maps(results_dir)
+    for table in (glue.TABLE, lm_heads.TABLE, calibration.TABLE):
         for runs in load(results_dir, table).values():
             first = runs[0]
             if not first["checkpoint"] or not (Path(first["checkpoint"]) / "config.json").is_file():
@@ -283,6 +388,10 @@ def render_cards(results_dir: Path, cards_dir: Path) -> list[Path]:
             path = cards_dir / name / "README.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             card.save(path)
+            found = calibration_map_of(runs, maps) if table == calibration.TABLE else None
+            if found is not None:
+                report = CalibrationReport(**{k: v for k, v in found["calibrated"].items() if k != "mean_sparsity"})
+                add_to_card(path, report, report.heatmap(path.parent / HEATMAP_FILE).name)
             written.append(path)
     return written
 
