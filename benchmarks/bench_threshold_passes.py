@@ -148,8 +148,8 @@ def count_passes(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, b
     counts = {}
     for rate in RATES:
         rates = torch.full((q.shape[1],), rate, device=q.device)
-        _, _, passes = r_softmax_threshold(q, k, None, rates, causal, scale, 1e-8, block_m=block_m)
-        counts[rate] = passes.flatten().tolist()
+        found = r_softmax_threshold(q, k, None, rates, causal, scale, 1e-8, block_m=block_m)
+        counts[rate] = found.passes.flatten().tolist()
     return counts
 
 

@@ -35,17 +35,27 @@ Search (per row; a program handles ``BLOCK_M`` rows and runs until all of them a
 that the tests and ``benchmarks/bench_threshold_passes.py`` read. With the output pass, the forward streams the
 keys ``passes + 1`` times.
 
+Tiles: the launcher classes every key block of every batch row once (:func:`key_tile_classes`: all valid, none
+valid, mixed); a tile of padding only costs its class byte, only a mixed tile loads the padding, and only a tile
+crossing the causal diagonal compares positions (``_valid_scores``: invalid scores become ``-inf``). Every pass
+also writes ``LIVE``, a conservative bitmask of the key tiles where some row may keep a positive weight (the
+argument is in ``_threshold_kernel``'s docstring), which the output kernel uses to skip dead tiles entirely.
+
 Rows: no valid key gives ``m = 0, t = eps``; a NaN among the valid scores gives ``m = t = NaN`` (the attention
 output of that row is NaN, as with softmax).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NUM_BUCKETS", "r_softmax_threshold", "threshold_guess"]
+from hf_sparse_attn.kernels import tuning
+
+__all__ = ["NUM_BUCKETS", "Threshold", "key_tile_classes", "r_softmax_threshold", "threshold_guess"]
 
 #: buckets per pass; the packed counting below is written for 16 (two int64 words of eight 8-bit lanes)
 NUM_BUCKETS = 16
@@ -90,27 +100,62 @@ def _key_mask(PAD, o_n, S, stride_pn, HAS_PAD: tl.constexpr):
     return m_n
 
 
+#: key-tile classes, as bits: 1 = the tile holds a valid key, 2 = it holds an invalid one (padding, or past ``S``);
+#: a tile's class is the OR of its sub-blocks' classes
+TILE_FULL: tl.constexpr = tl.constexpr(1)
+TILE_DEAD: tl.constexpr = tl.constexpr(2)
+TILE_MIXED: tl.constexpr = tl.constexpr(3)
+
+
 @triton.jit
-def _tile_scores(
-    b_q,
-    b_k,
-    m_key,
-    o_m,
-    o_n,
-    T,
+def _tile_class(CLASS, i_n, S, n_class, BLOCK_N: tl.constexpr, CLASS_BLOCK: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Class of the key tile ``[i_n, i_n + BLOCK_N)``: ``TILE_FULL``, ``TILE_DEAD`` or ``TILE_MIXED``. With key
+    padding, the OR of the ``BLOCK_N / CLASS_BLOCK`` classes the launcher computed (:func:`key_tile_classes`, row
+    ``CLASS`` of ``n_class`` entries); without, only a ragged last tile is mixed."""
+    if HAS_PAD:
+        if BLOCK_N == CLASS_BLOCK:
+            return tl.load(CLASS + i_n // CLASS_BLOCK).to(tl.int32)
+        o_c = i_n // CLASS_BLOCK + tl.arange(0, BLOCK_N // CLASS_BLOCK)
+        b_c = tl.load(CLASS + o_c, mask=o_c < n_class, other=0).to(tl.int32)
+        return tl.max(b_c & TILE_FULL, 0) | tl.max(b_c & TILE_DEAD, 0)
+    return tl.where(i_n + BLOCK_N <= S, TILE_FULL, TILE_MIXED)
+
+
+@triton.jit
+def _valid_scores(
+    b_s,
+    PAD,
+    key_class,
+    i_m,
+    i_n,
+    S,
     offset,
-    scale,
+    stride_pn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
-    """Scores ``scale q k^T`` ``[BLOCK_M, BLOCK_N]`` (fp32) of query rows ``o_m`` against keys ``o_n``, and validity:
-    the row exists, the key is valid, and under ``CAUSAL`` key ``j`` is at most ``i + offset``."""
-    b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * scale
-    m_valid = (o_m < T)[:, None] & m_key[None, :]
-    if CAUSAL:
-        m_valid = m_valid & (o_n[None, :] <= o_m[:, None] + offset)
-    return b_s, m_valid
+    """The tile's scores ``b_s`` with ``-inf`` where key ``j`` is padding, past ``S``, or (``CAUSAL``) after
+    ``i + offset``; only a tile of class ``TILE_MIXED`` or crossing the causal diagonal pays for the test, and only
+    a mixed one loads the padding. ``-inf`` never survives and never enters a search window, which starts at
+    ``(-inf, +inf]``. Rows past ``T`` are not masked: the kernels never store them."""
+    m_mixed = key_class == TILE_MIXED
+    m_test = m_mixed
+    if CAUSAL:  # the tile's last key is after the block's first query's position
+        m_test = m_test | (i_n + BLOCK_N - 1 > i_m * BLOCK_M + offset)
+    if m_test:
+        o_n = i_n + tl.arange(0, BLOCK_N)
+        m_key = o_n < S
+        if HAS_PAD:
+            m_load = tl.where(m_mixed, m_key, False)  # (not `m_key & m_mixed`: the interpreter rejects that mask)
+            m_key = m_key & (tl.load(PAD + o_n.to(tl.int64) * stride_pn, mask=m_load, other=1) != 0)
+        m_valid = m_key[None, :]
+        if CAUSAL:
+            o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_valid = m_valid & (o_n[None, :] <= o_m[:, None] + offset)
+        b_s = tl.where(m_valid, b_s, float("-inf"))
+    return b_s
 
 
 @triton.jit
@@ -142,15 +187,25 @@ def _pivot(j, base, w, k_lo, shift, k_span, m_keys):
 
 
 @triton.jit
+def _quantile(x_lo, x_hi, b_frac):
+    """torch.lerp's formula with its single rounding (ATen's vectorised CPU lerp and the CUDA one are FMAs), so that
+    the quantile matches torch.quantile's bit for bit. It is at least ``x_lo`` (``x_lo <= x_hi``, ``0 <= frac < 1``)."""
+    small = b_frac < 0.5
+    return tl.fma(tl.where(small, b_frac, b_frac - 1.0), x_hi - x_lo, tl.where(small, x_lo, x_hi))
+
+
+@triton.jit
 def _threshold_kernel(
     Q,
     K,
     PAD,
+    CLASS,
     RATE,
     GUESS,
     STAT_M,
     STAT_T,
     PASSES,
+    LIVE,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -159,15 +214,18 @@ def _threshold_kernel(
     stride_kn,
     stride_pb,
     stride_pn,
+    stride_cb,
     H,
     T,
     S,
     offset,
     scale,
     eps,
+    s_bucket,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CLASS_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -176,6 +234,25 @@ def _threshold_kernel(
     ZOOM: tl.constexpr,
     MAX_PASSES: tl.constexpr,
 ):
+    """The search of the module docstring for ``BLOCK_M`` rows; ``s_bucket`` is only the autotuning key.
+
+    ``LIVE [B * H, cdiv(T, BLOCK_M), cdiv(S, BLOCK_N)]`` receives, per key tile, whether some row of the block may
+    keep a positive weight there. Every pass rewrites it, so the last pass's (tightest) bounds remain: a tile is
+    live when ``(max_j x_ij - m_i) + t'_i > 0`` for a row ``i < T``, computed in fp32 exactly as the output kernel
+    computes ``u_ij = (x_ij - m_i) + t_i``, with ``t'_i >= t_i``:
+
+    - a row finished before the pass: ``t'`` is its final margin, bit for bit;
+    - a row still searching: ``t' = (m - q') + eps`` with ``q'`` a lower bound of the quantile: ``x_lo`` once
+      pinned, else the window's lower end ``a`` (the window ``(a, b]`` holds rank ``lo``, so ``x_lo > a``; the
+      quantile is at least ``x_lo``, see ``_quantile``);
+    - pass 1 (``m`` unknown yet), or a window still open below (``a = -inf``): ``t' = +inf``, every valid score
+      may live.
+
+    Rounding is monotone, so ``q' <= q`` gives ``t' >= t`` and ``u' >= u`` for every score; ``u`` grows with
+    ``x``, so the tile's row maximum decides. A tile marked dead therefore has ``u <= 0`` at every valid entry of
+    every row: no weight. This relies on the output kernel recomputing the same fp32 scores (same tile shapes
+    and code), as its argmax (first ``x = m``) already does. Invalid entries are ``-inf`` (``u`` is ``-inf`` or
+    NaN, never positive); rows past ``T`` do not count."""
     tl.static_assert(NUM_BUCKETS == 16)  # the packed counting holds two words of eight 8-bit lanes
     tl.static_assert(BLOCK_N < 256)  # a lane counts at most BLOCK_N scores per tile
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -183,6 +260,10 @@ def _threshold_kernel(
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh
     PAD += i_b * stride_pb
+    CLASS += i_b * stride_cb
+    n_class = tl.cdiv(S, CLASS_BLOCK)
+    n_tiles = tl.cdiv(S, BLOCK_N)
+    LIVE += (i_bh.to(tl.int64) * tl.num_programs(0) + i_m) * n_tiles
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < T
     o_stat = i_bh.to(tl.int64) * T + o_m
@@ -190,6 +271,8 @@ def _threshold_kernel(
     n_end = S
     if CAUSAL:
         n_end = tl.maximum(tl.minimum(S, (i_m + 1) * BLOCK_M + offset), 0)
+    for i_n in range(tl.cdiv(n_end, BLOCK_N) * BLOCK_N, S, BLOCK_N):  # tiles after every row's last key: dead
+        tl.store(LIVE + i_n // BLOCK_N, tl.zeros([], tl.uint8))
     o_b = tl.arange(0, NUM_BUCKETS)
     rate = tl.load(RATE + i_h)
 
@@ -217,6 +300,7 @@ def _threshold_kernel(
     x_hi = tl.zeros([BLOCK_M], tl.float32)
     m_lo_done = tl.zeros([BLOCK_M], tl.int1)
     m_hi_done = tl.zeros([BLOCK_M], tl.int1)
+    m_done = tl.zeros([BLOCK_M], tl.int1)
     b_lo = tl.zeros([BLOCK_M], tl.int32)
     b_hi = tl.zeros([BLOCK_M], tl.int32)
     b_frac = tl.zeros([BLOCK_M], tl.float32)
@@ -225,48 +309,63 @@ def _threshold_kernel(
     n_pass = 0
     todo = 1
     while todo > 0:
-        any_keys = tl.max(m_keys.to(tl.int32), 0) > 0
+        any_keys = tl.max((m_keys & ~m_done).to(tl.int32), 0) > 0
+        # the live-tile test's margin bound t' >= t (see the docstring); "open" rows have t' = +inf (every valid
+        # score may live) until m and a finite lower bound of the quantile are known
+        q_low = tl.where(m_done, _quantile(x_lo, x_hi, b_frac), tl.where(m_lo_done, x_lo, a))
+        m_open = (n_pass == 0) | (q_low == float("-inf"))
+        t_live = tl.where(m_open, 0.0, (b_max - q_low) + eps)
         cnt = tl.zeros([BLOCK_M, NUM_BUCKETS], tl.int32)
         b_small = tl.full([BLOCK_M], float("inf"), tl.float32)  # min{x > e_lo}: rank ce_lo
         b_large = tl.full([BLOCK_M], float("-inf"), tl.float32)  # max{x <= e_hi}: rank ce_hi - 1
         for i_n in range(0, n_end, BLOCK_N):
-            o_n = i_n + tl.arange(0, BLOCK_N)
-            b_k = _rows(K, o_n, S, stride_kn, HEAD_DIM)
-            m_key = _key_mask(PAD, o_n, S, stride_pn, HAS_PAD)
-            b_s, m_valid = _tile_scores(b_q, b_k, m_key, o_m, o_n, T, offset, scale, CAUSAL, DOT_PRECISION, UPCAST)
-            if n_pass == 0:
-                m_nan = m_nan | (tl.max((m_valid & (b_s != b_s)).to(tl.int32), 1) > 0)
-            m_win = m_valid & (b_s > a[:, None]) & (b_s <= b[:, None])
-            b_small = tl.minimum(b_small, tl.min(tl.where(m_win & (b_s > e_lo[:, None]), b_s, float("inf")), 1))
-            b_large = tl.maximum(b_large, tl.max(tl.where(m_win & (b_s <= e_hi[:, None]), b_s, float("-inf")), 1))
-            # bucket = number of pivots below the score: approximate, then corrected by the two nearest pivots
-            f_idx = tl.minimum(tl.maximum((b_s - base[:, None]) * inv_w[:, None], 0.0), NUM_BUCKETS - 1.0)
-            f_idx = tl.floor(tl.where(f_idx == f_idx, f_idx, 0.0))
-            p_below = _value_pivot(f_idx, base[:, None], w[:, None])
-            p_above = _value_pivot(f_idx + 1.0, base[:, None], w[:, None])
-            idx = f_idx.to(tl.int32)
-            idx = (
-                idx
-                - ((idx > 0) & (b_s <= p_below)).to(tl.int32)
-                + ((idx < NUM_BUCKETS - 1) & (b_s > p_above)).to(tl.int32)
-            )
-            if any_keys:
-                k_off = (_float_key(b_s).to(tl.uint32) - k_lo[:, None].to(tl.uint32)) >> shift[:, None].to(tl.uint32)
-                k_idx = tl.minimum(k_off, NUM_BUCKETS - 1).to(tl.int32)
-                idx = tl.where(m_keys[:, None], k_idx, idx)
-            # 16 counts per row in 8-bit lanes of two words: one reduction per word
-            lane = tl.where(m_win, tl.full([BLOCK_M, BLOCK_N], 1, tl.int64) << ((idx & 7) * 8).to(tl.int64), 0)
-            word_lo = tl.sum(tl.where(idx < 8, lane, 0), 1)
-            word_hi = tl.sum(tl.where(idx >= 8, lane, 0), 1)
-            words = tl.where(o_b[None, :] < 8, word_lo[:, None], word_hi[:, None])
-            cnt += ((words >> ((o_b[None, :] & 7) * 8).to(tl.int64)) & 255).to(tl.int32)
+            key_class = _tile_class(CLASS, i_n, S, n_class, BLOCK_N, CLASS_BLOCK, HAS_PAD)
+            m_live = tl.zeros([], tl.int1)
+            if key_class != TILE_DEAD:  # a tile of padding only costs its class byte
+                b_k = _rows(K, i_n + tl.arange(0, BLOCK_N), S, stride_kn, HEAD_DIM)
+                b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * scale
+                b_s = _valid_scores(
+                    b_s, PAD, key_class, i_m, i_n, S, offset, stride_pn, BLOCK_M, BLOCK_N, CAUSAL, HAS_PAD
+                )
+                b_top = tl.max(b_s, 1)  # u grows with the score: the row's largest decides
+                m_live_rows = m_m & (b_top > float("-inf")) & (m_open | ((b_top - b_max) + t_live > 0))
+                m_live = tl.max(m_live_rows.to(tl.int32), 0) > 0
+                if n_pass == 0:
+                    m_nan = m_nan | (tl.max((b_s != b_s).to(tl.int32), 1) > 0)
+                m_win = (b_s > a[:, None]) & (b_s <= b[:, None])
+                b_small = tl.minimum(b_small, tl.min(tl.where(m_win & (b_s > e_lo[:, None]), b_s, float("inf")), 1))
+                b_large = tl.maximum(b_large, tl.max(tl.where(m_win & (b_s <= e_hi[:, None]), b_s, float("-inf")), 1))
+                # bucket = number of pivots below the score: approximate, then corrected by the two nearest pivots
+                f_idx = tl.minimum(tl.maximum((b_s - base[:, None]) * inv_w[:, None], 0.0), NUM_BUCKETS - 1.0)
+                f_idx = tl.floor(tl.where(f_idx == f_idx, f_idx, 0.0))
+                p_below = _value_pivot(f_idx, base[:, None], w[:, None])
+                p_above = _value_pivot(f_idx + 1.0, base[:, None], w[:, None])
+                idx = f_idx.to(tl.int32)
+                idx = (
+                    idx
+                    - ((idx > 0) & (b_s <= p_below)).to(tl.int32)
+                    + ((idx < NUM_BUCKETS - 1) & (b_s > p_above)).to(tl.int32)
+                )
+                if any_keys:
+                    k_off = (_float_key(b_s).to(tl.uint32) - k_lo[:, None].to(tl.uint32)) >> shift[:, None].to(
+                        tl.uint32
+                    )
+                    k_idx = tl.minimum(k_off, NUM_BUCKETS - 1).to(tl.int32)
+                    idx = tl.where(m_keys[:, None], k_idx, idx)
+                # 16 counts per row in 8-bit lanes of two words: one reduction per word
+                lane = tl.where(m_win, tl.full([BLOCK_M, BLOCK_N], 1, tl.int64) << ((idx & 7) * 8).to(tl.int64), 0)
+                word_lo = tl.sum(tl.where(idx < 8, lane, 0), 1)
+                word_hi = tl.sum(tl.where(idx >= 8, lane, 0), 1)
+                words = tl.where(o_b[None, :] < 8, word_lo[:, None], word_hi[:, None])
+                cnt += ((words >> ((o_b[None, :] & 7) * 8).to(tl.int64)) & 255).to(tl.int32)
+            tl.store(LIVE + i_n // BLOCK_N, m_live.to(tl.uint8))
 
         cum = tl.cumsum(cnt, 1)  # (BLOCK_M, NUM_BUCKETS) #{a < x <= upper end of bucket}
         if n_pass == 0:  # the whole row was the window: its max, count and target ranks
             b_cnt = tl.sum(cnt, 1)
             c_b = b_cnt
             ce_hi = b_cnt
-            b_max = b_large
+            b_max = tl.where(b_cnt == 0, 0.0, b_large)  # a row without valid keys: 0
             b_pos = rate * tl.maximum(b_cnt - 1, 0).to(tl.float32)
             b_lo = tl.floor(b_pos).to(tl.int32)
             b_hi = tl.ceil(b_pos).to(tl.int32)
@@ -338,12 +437,9 @@ def _threshold_kernel(
         n_pass += 1
         todo = tl.where(n_pass < MAX_PASSES, tl.max(tl.where(m_done, 0, 1), 0), 0)
 
-    # torch.lerp's formula with its single rounding (ATen's vectorised CPU lerp and the CUDA one are FMAs), so that
-    # the quantile matches torch.quantile's bit for bit
-    small = b_frac < 0.5
-    b_quantile = tl.fma(tl.where(small, b_frac, b_frac - 1.0), x_hi - x_lo, tl.where(small, x_lo, x_hi))
+    b_quantile = _quantile(x_lo, x_hi, b_frac)
     m_empty = b_cnt == 0
-    b_max = tl.where(m_nan, float("nan"), tl.where(m_empty, 0.0, b_max))
+    b_max = tl.where(m_nan, float("nan"), b_max)
     b_t = tl.where(m_nan, float("nan"), tl.where(m_empty, eps, (b_max - b_quantile) + eps))
     tl.store(STAT_M + o_stat, b_max, mask=m_m)
     tl.store(STAT_T + o_stat, b_t, mask=m_m)
@@ -393,12 +489,76 @@ def _padding_args(key_padding: torch.Tensor | None, q: torch.Tensor) -> tuple[to
     return key_padding, key_padding.stride(0), key_padding.stride(1)
 
 
+def launch_options(q: torch.Tensor, tuned: bool) -> dict:
+    """Launch options of every r-softmax attention kernel: on CUDA, no FP fusion (each score ``q k^T * scale`` is
+    rounded before it is compared, subtracted or searched, as on the interpreter, so that the threshold, output and
+    backward kernels all see the same fp32 scores: Triton 3.9 fuses by default, and ``q k^T * scale - m`` as one FMA
+    would break the output kernel's ``x = m`` argmax test, the live-tile bitmask's rounding argument, and the
+    backward's ``c_j = 1[u_j > 0]`` agreeing with the forward's), plus the untuned warps and stages unless
+    autotuning picks them. Triton's interpreter takes none."""
+    if not q.is_cuda:
+        return {}
+    return {"enable_fp_fusion": False, **({} if tuned else tuning.DEFAULT_LAUNCH)}
+
+
 def kernel_options(q: torch.Tensor) -> dict:
     """Dot precision and the interpreter's bf16 workaround, shared by every r-softmax attention kernel."""
     return {
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "UPCAST": not q.is_cuda and q.dtype == torch.bfloat16,
     }
+
+
+def key_tile_classes(key_padding: torch.Tensor, block: int) -> torch.Tensor:
+    """Class of every ``block`` keys of every batch row: int8 ``[B, cdiv(S, block)]``, bit 1 = some key valid,
+    bit 2 = some key padding or past ``S`` (``TILE_FULL = 1``, ``TILE_DEAD = 2``, ``TILE_MIXED = 3``).
+
+    Computed once per forward on the device, without a host sync or a copy of the padding (per-block counts of a
+    view); a stride-0 (broadcast) batch dimension stays one row."""
+    valid = key_padding[:1] if key_padding.stride(0) == 0 else key_padding  # (B or 1, S)
+    rows, s_len = valid.shape
+    full, n_blocks = s_len // block, triton.cdiv(s_len, block)
+    strides = (valid.stride(0), block * valid.stride(1), valid.stride(1))
+    tiles = valid.as_strided((rows, full, block), strides, valid.storage_offset())  # (B or 1, S // block, block)
+    counts = tiles.sum(-1, dtype=torch.int32)  # (B or 1, S // block)
+    if n_blocks > full:  # the ragged last block: its keys past S count as invalid
+        counts = torch.cat([counts, valid[:, full * block :].sum(-1, keepdim=True, dtype=torch.int32)], dim=1)
+    classes = (counts > 0).to(torch.int8) + 2 * (counts < block).to(torch.int8)  # (B or 1, cdiv(S, block))
+    return classes.expand(key_padding.shape[0], n_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """What :func:`r_softmax_threshold` returns.
+
+    Attributes:
+        row_max, margin: fp32 ``[B, H, T]``: ``m`` and ``t = m - q_r + eps``
+            (as :func:`hf_sparse_attn.ops.r_softmax_margin`).
+        passes: int32 ``[B * H, cdiv(T, block_m)]``, the passes over the keys each row block took.
+        live: uint8 ``[B, H, cdiv(T, block_m), cdiv(S, block_n)]``, 0 where no row of the row block keeps a positive
+            weight at any key of the key block (1 = may be live; conservative, see ``_threshold_kernel``).
+        block_m, block_n: the tile the search ran with (tuned on CUDA unless fixed), which ``live`` refers to.
+        tile_classes: int8 ``[B, cdiv(S, class_block)]`` from :func:`key_tile_classes` (None without key padding), and
+        class_block: its granularity; the output kernel reads both.
+    """
+
+    row_max: torch.Tensor
+    margin: torch.Tensor
+    passes: torch.Tensor
+    live: torch.Tensor
+    block_m: int
+    block_n: int
+    tile_classes: torch.Tensor | None
+    class_block: int
+
+
+#: the threshold kernel autotuned (CUDA only): blocks, warps and stages per (head dim, dtypes, causal, padding, S)
+_threshold_kernel_tuned = triton.autotune(
+    configs=tuning.threshold_configs(),
+    key=["HEAD_DIM", "CAUSAL", "HAS_PAD", "s_bucket"],
+    prune_configs_by={"early_config_prune": tuning.prune_threshold_configs},
+    cache_results=True,
+)(_threshold_kernel)
 
 
 def r_softmax_threshold(
@@ -409,11 +569,9 @@ def r_softmax_threshold(
     causal: bool,
     scale: float,
     eps: float,
-    block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Threshold:
     """Row maximum and margin of r-softmax attention, without the ``[T, S]`` scores.
 
     Args:
@@ -422,31 +580,61 @@ def r_softmax_threshold(
         rate: fp32 ``[H]`` on the device, in ``[0, 1]``.
         causal: query ``i`` sees key ``j`` iff ``j <= i + S - T``.
         scale: score multiplier; eps: the r-softmax margin epsilon.
+        block_m, block_n: the tile; on CUDA, both None autotunes it (with warps and stages, keyed on head dim, dtype,
+            causality, padding and ``S`` rounded up to a power of 2; see :mod:`hf_sparse_attn.kernels.tuning`),
+            otherwise a None takes :func:`~hf_sparse_attn.kernels.tuning.default_blocks`.
 
     Returns:
-        ``(m [B, H, T], t [B, H, T], passes [B * H, ceil(T / block_m)] int32)``: fp32 ``m`` and ``t = m - q_r + eps``
-        equal to :func:`hf_sparse_attn.ops.r_softmax_margin` on the exact scores (``m = 0``, ``t = eps`` for rows
-        without a valid key; NaN for rows with a NaN score), and the passes over the keys each row block took.
+        A :class:`Threshold`: ``m`` and ``t`` equal to :func:`hf_sparse_attn.ops.r_softmax_margin` on the exact scores
+        (``m = 0``, ``t = eps`` for rows without a valid key; NaN for rows with a NaN score), the passes per row
+        block, the live-tile bitmask and the tile it refers to.
 
     Examples::
         >>> q = k = torch.randn(1, 2, 16, 16)  # doctest: +SKIP (needs CUDA or TRITON_INTERPRET=1)
-        >>> m, t, passes = r_softmax_threshold(q, k, None, torch.tensor([0.5, 0.9]), False, 0.25, 1e-8)
+        >>> found = r_softmax_threshold(q, k, None, torch.tensor([0.5, 0.9]), False, 0.25, 1e-8)
+        >>> found.margin.shape, found.live.shape
+        (torch.Size([1, 2, 16]), torch.Size([1, 2, 1, 1]))
     """
     batch, heads, t_len, head_dim = q.shape
     s_len = k.shape[2]
+    tuned = tuning.autotuned(q, block_m, block_n)
+    if tuned:  # buffers for the smallest candidate tile; the chosen one uses a prefix
+        meta = {}
+        rows_m, rows_n = min(tuning.BLOCK_M_CANDIDATES), min(tuning.BLOCK_N_CANDIDATES)
+    else:
+        default_m, default_n = tuning.default_blocks(head_dim, q.is_cuda)
+        rows_m, rows_n = block_m or default_m, block_n or default_n
+        meta = {"BLOCK_M": rows_m, "BLOCK_N": rows_n}
     row_max = torch.empty(batch, heads, t_len, dtype=torch.float32, device=q.device)
     margin = torch.empty_like(row_max)
-    passes = torch.empty(batch * heads, triton.cdiv(t_len, block_m), dtype=torch.int32, device=q.device)
+    passes = torch.empty(batch * heads * triton.cdiv(t_len, rows_m), dtype=torch.int32, device=q.device)
+    live = torch.empty(passes.numel() * triton.cdiv(s_len, rows_n), dtype=torch.uint8, device=q.device)
+    classes = None if key_padding is None else key_tile_classes(key_padding, rows_n)
     guess = threshold_guess(q, k, key_padding, rate, scale)
     pad, stride_pb, stride_pn = _padding_args(key_padding, q)
-    launch = {"num_warps": num_warps, "num_stages": num_stages} if q.is_cuda else {}
-    _threshold_kernel[(passes.shape[1], batch * heads)](
-        q, k, pad, rate, guess, row_max, margin, passes,
+    kernel = _threshold_kernel_tuned if tuned else _threshold_kernel
+    kernel[lambda meta: (triton.cdiv(t_len, meta["BLOCK_M"]), batch * heads)](
+        q, k, pad, q if classes is None else classes, rate, guess, row_max, margin, passes, live,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        stride_pb, stride_pn,
-        heads, t_len, s_len, s_len - t_len, scale, eps,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PAD=key_padding is not None,
-        NUM_BUCKETS=NUM_BUCKETS, ZOOM=ZOOM, MAX_PASSES=MAX_PASSES, **kernel_options(q), **launch,
+        stride_pb, stride_pn, 0 if classes is None else classes.stride(0),
+        heads, t_len, s_len, s_len - t_len, scale, eps, tuning.s_bucket(s_len),
+        HEAD_DIM=head_dim, CLASS_BLOCK=rows_n, CAUSAL=causal, HAS_PAD=key_padding is not None,
+        NUM_BUCKETS=NUM_BUCKETS, ZOOM=ZOOM, MAX_PASSES=MAX_PASSES, **kernel_options(q), **meta,
+        **launch_options(q, tuned),
     )  # fmt: skip
-    return row_max, margin, passes
+    if tuned:  # the configuration this call ran (a host-side choice: no sync)
+        block_m, block_n = (kernel.best_config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N"))
+    else:
+        block_m, block_n = rows_m, rows_n
+    row_blocks, key_blocks = triton.cdiv(t_len, block_m), triton.cdiv(s_len, block_n)
+    return Threshold(
+        row_max=row_max,
+        margin=margin,
+        passes=passes[: batch * heads * row_blocks].view(batch * heads, row_blocks),
+        live=live[: batch * heads * row_blocks * key_blocks].view(batch, heads, row_blocks, key_blocks),
+        block_m=block_m,
+        block_n=block_n,
+        tile_classes=classes,
+        class_block=rows_n,
+    )

@@ -12,16 +12,23 @@ at realistic sizes on CUDA.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import pytest
 import torch
 import triton_interpreter  # noqa: F401  (before Triton loads: its CPU interpreter without CUDA; skip without Triton)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_sparse_attn.kernels import r_softmax_attention
+from hf_sparse_attn.kernels import r_softmax_attention, tuning
+from hf_sparse_attn.kernels import r_softmax_attention_triton as kernels
+from hf_sparse_attn.kernels import r_softmax_threshold_triton as threshold_module
 from hf_sparse_attn.kernels.r_softmax_attention_triton import (
     RSoftmaxAttentionFunction,
     dropout_keep_mask,
+    r_softmax_attention_bwd,
     r_softmax_attention_fwd,
 )
 from hf_sparse_attn.kernels.r_softmax_threshold_triton import r_softmax_threshold
@@ -190,7 +197,9 @@ def test_threshold_is_the_exact_quantile(kind: str, mask: str) -> None:
     q, k = exact_scores(kind, generator)
     rate = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0], device=DEVICE)
     key_padding, valid = make_masks(1, q.shape[2], k.shape[2], mask)
-    _, (row_max, margin, _, argmax) = r_softmax_attention_fwd(q, k, k, key_padding, rate, mask != "none", 1.0, EPS)
+    _, (row_max, margin, _, argmax, _), _ = r_softmax_attention_fwd(
+        q, k, k, key_padding, rate, mask != "none", 1.0, EPS
+    )
 
     scores = q @ k.transpose(-1, -2)  # (1, 5, T, S), exact
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.expand_as(scores)
@@ -254,7 +263,8 @@ def test_threshold_search_takes_few_passes(dist: str, causal: bool) -> None:
         scale = 1.0
     q, k = q[:, :, -128:].contiguous().to(DEVICE), k.to(DEVICE)  # the last 128 rows: 2 blocks per head
     rate = torch.tensor([0.25, 0.5, 0.9], device=DEVICE)
-    row_max, margin, passes = r_softmax_threshold(q, k, None, rate, causal, scale, EPS)
+    found = r_softmax_threshold(q, k, None, rate, causal, scale, EPS)
+    row_max, margin, passes = found.row_max, found.margin, found.passes
 
     scores = q @ k.transpose(-1, -2) * scale  # (1, 3, 128, S), exact
     valid = torch.ones_like(scores, dtype=torch.bool)
@@ -347,6 +357,14 @@ def test_dead_tiles_next_to_live_ones() -> None:
         assert_close(actual, wanted, TOLERANCE[torch.float32], name)
     assert (grads[1][:, :, 16:32] == 0).all() and (grads[2][:, :, 16:32] == 0).all()
 
+    # the threshold kernel's bitmask marks the block dead where the quantile lies above it (r = 0.5; at r = 0.25 the
+    # quantile is next to the block's largest score and the bound may keep it), its neighbours live
+    _, stats, tile = r_softmax_attention_fwd(*(x.detach() for x in (q, k, v)), None, rate, False, 0.25, EPS, 16, 16)
+    live = stats[4]  # (B, H, T / 16, S / 16)
+    assert tile == (16, 16) and live.shape == (1, 2, 2, 4)
+    assert (live.bool() | ~exact_live_tiles(probs, 16, 16)).all()
+    assert (live[0, 1, :, 1] == 0).all() and (live[..., [0, 2, 3]] == 1).all()
+
 
 def bf16_inputs(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bf16 ``q [1, 3, 48, 32]``, ``k, v [1, 3, 48, 32]``: ``peaky`` rows (one key far above the rest),
@@ -411,7 +429,8 @@ def test_threshold_is_exact_for_any_scores(
     k = torch.randint(-spread, spread + 1, (1, 2, s_len, 16), generator=generator).float().to(DEVICE)
     key_padding = torch.rand(1, s_len, generator=generator).to(DEVICE) < 0.8 if padded else None
     rate = torch.tensor(rates, device=DEVICE)
-    row_max, margin, passes = r_softmax_threshold(q, k, key_padding, rate, causal, 1.0, EPS, block_m=16, block_n=16)
+    found = r_softmax_threshold(q, k, key_padding, rate, causal, 1.0, EPS, block_m=16, block_n=16)
+    row_max, margin, passes = found.row_max, found.margin, found.passes
 
     scores = q @ k.transpose(-1, -2)  # (1, 2, T, S), exact integers
     valid = torch.ones_like(scores, dtype=torch.bool)
@@ -425,3 +444,313 @@ def test_threshold_is_exact_for_any_scores(
     torch.testing.assert_close(margin, expected, atol=0, rtol=0)
     torch.testing.assert_close(row_max, top, atol=0, rtol=0)
     assert passes.max().item() < 64
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel (``kernel[grid](*args, **kwargs)``), runs it and keeps each launch's
+    arguments by name."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        def launch(*args: object, **kwargs: object) -> None:
+            self.kernel[grid](*args, **kwargs)
+            self.launches.append(dict(zip(self.kernel.arg_names, args, strict=False), **kwargs))
+
+        return launch
+
+
+def backward_inputs(t_len: int, s_len: int) -> tuple[torch.Tensor, ...]:
+    """Leaves q ``[2, 2, T, 16]``, k, v ``[2, 2, S, 16]`` and an upstream gradient ``[2, T, 2, 16]``."""
+    generator = torch.Generator().manual_seed(t_len * 100 + s_len)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=generator).to(DEVICE).requires_grad_() for n in (t_len, s_len, s_len))
+    grad = torch.randn(2, t_len, 2, 16, generator=generator).to(DEVICE)
+    return q, k, v, grad
+
+
+@pytest.mark.parametrize(("t_len", "s_len", "causal"), [(33, 47, True), (40, 24, True), (33, 47, False)])
+def test_deterministic_backward_repeats_bit_for_bit_in_key_block_order(
+    monkeypatch: pytest.MonkeyPatch, t_len: int, s_len: int, causal: bool
+) -> None:
+    """Deterministic mode (the default): two backward passes give bit-identical dq, dk, dv, and each row block's
+    ordering counter ends at the number of key blocks that visited it: the key blocks a row of the (full) block may
+    see, every one of them when not causal, none for blocks before the first key (T > S, causal)."""
+    spy = LaunchSpy(kernels._bwd_kernel)
+    monkeypatch.setattr(kernels, "_bwd_kernel", spy)
+    q, k, v, grad = backward_inputs(t_len, s_len)
+    key_padding, _ = make_masks(2, t_len, s_len, "padding")
+    rate = torch.tensor([0.25, 0.75], device=DEVICE)
+    block_m, block_n = 16, 16
+    runs = []
+    for _ in range(2):
+        out = RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rate, causal, 0.25, EPS, (block_m, block_n))
+        runs.append(torch.autograd.grad(out, (q, k, v), grad))
+    for first, second in zip(*runs, strict=True):
+        assert torch.isfinite(first).all() and torch.equal(first, second)
+
+    launch = spy.launches[-1]
+    assert launch["DETERMINISTIC"] is True and launch["HAS_LIVE"] is True
+    row_blocks = math.ceil(t_len / block_m)
+    rows = torch.arange(row_blocks * block_m).view(row_blocks, block_m)
+    first_keys = torch.arange(0, s_len, block_n)  # of each key block
+    if causal:  # key block n visits a row block where some row sees its first key
+        visits = (first_keys[None, None, :] <= rows[:, :, None] + (s_len - t_len)).any(1).sum(-1)
+    else:
+        visits = torch.full((row_blocks,), len(first_keys))
+    assert torch.equal(launch["LOCKS"].cpu(), visits.int().expand(4, -1))  # (B H, row blocks)
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal-padding"])
+def test_atomic_dq_matches_the_reference(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """``deterministic=False`` (atomic adds of the dq and rho partials) gives the reference's gradients within the
+    fp32 tolerance, across several row and key blocks, and launches without ordering counters."""
+    spy = LaunchSpy(kernels._bwd_kernel)
+    monkeypatch.setattr(kernels, "_bwd_kernel", spy)
+    monkeypatch.setattr(
+        kernels, "r_softmax_attention_bwd", functools.partial(kernels.r_softmax_attention_bwd, deterministic=False)
+    )
+    run_case(2, 2, 33, 47, 16, kind, [0.25, 0.75], torch.float32, (16, 16))
+    assert spy.launches[-1]["DETERMINISTIC"] is False
+
+
+# --- the forward's tile classes, live-tile bitmask and tuning candidates (issue 13 item 2) ---
+
+
+def exact_live_tiles(probs: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """``[B, H, cdiv(T, block_m), cdiv(S, block_n)]``: whether the tile holds a positive reference weight."""
+    batch, heads, t_len, s_len = probs.shape
+    row_blocks, key_blocks = -(-t_len // block_m), -(-s_len // block_n)
+    padded = probs.new_zeros(batch, heads, row_blocks * block_m, key_blocks * block_n)
+    padded[..., :t_len, :s_len] = probs
+    return (padded.view(batch, heads, row_blocks, block_m, key_blocks, block_n) > 0).any(-1).any(3)
+
+
+def gapped_padding(batch: int, s_len: int) -> torch.Tensor:
+    """Key padding ``[B, S]`` with every tile class at blocks of 16: keys 16..31 all padding (a dead tile between
+    valid ones), a few padded keys in 40..47 (mixed), the last 5 padded in batch row 1."""
+    key_padding = torch.ones(batch, s_len, dtype=torch.bool)
+    key_padding[:, 16:32] = False
+    key_padding[0, 40:44] = False
+    key_padding[-1, s_len - 5 :] = False
+    return key_padding.to(DEVICE)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    s_len=st.integers(1, 100),
+    block=st.sampled_from([16, 32, 64]),
+    density=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+    broadcast=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_key_tile_classes(s_len: int, block: int, density: float, broadcast: bool, seed: int) -> None:
+    """Each ``block`` keys' class is bit 1 if one is valid, plus bit 2 if one is padding or past ``S``; a stride-0
+    batch (padding broadcast from one row) gives the same classes as the materialised padding."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.rand(1 if broadcast else 3, s_len, generator=generator) < density
+    key_padding = rows.expand(3, s_len) if broadcast else rows
+    classes = threshold_module.key_tile_classes(key_padding, block)
+    assert classes.dtype == torch.int8 and classes.shape == (3, -(-s_len // block))
+    for b in range(3):
+        for n in range(classes.shape[1]):
+            keys = key_padding[b, n * block : (n + 1) * block].tolist() + [False] * max(0, (n + 1) * block - s_len)
+            assert classes[b, n].item() == int(any(keys)) + 2 * int(not all(keys))
+    assert torch.equal(classes, threshold_module.key_tile_classes(key_padding.contiguous(), block))
+
+
+@pytest.mark.parametrize("broadcast", [False, True], ids=["per-row", "broadcast"])
+def test_key_tile_classes_make_no_host_read(broadcast: bool) -> None:
+    """Classing the key tiles reads no tensor data on the host (a device sync on CUDA) and makes no tensor as
+    large as the padding."""
+    from device_traffic import DeviceTraffic
+
+    key_padding = gapped_padding(1 if broadcast else 4, 100).expand(4, 100)
+    with DeviceTraffic(limit_bytes=key_padding.numel(), inputs=(key_padding,)) as traffic:
+        threshold_module.key_tile_classes(key_padding, 32)
+    assert traffic.host_reads == [] and traffic.large == []
+
+
+@pytest.mark.parametrize(
+    ("blocks", "causal", "broadcast"),
+    [((16, 16), False, False), ((32, 16), True, True), ((16, 32), True, False)],
+    ids=["BM16-BN16-full", "BM32-BN16-causal-broadcast", "BM16-BN32-causal"],
+)
+def test_tile_classes_match_the_reference(blocks: tuple[int, int], causal: bool, broadcast: bool) -> None:
+    """Padding with a fully padded key block between valid ones (skipped: "dead" class), a mixed one, full ones and a
+    ragged last block; causal tiles below, across and above the diagonal; a stride-0 (broadcast) padding: output and
+    gradients match the reference."""
+    generator = torch.Generator().manual_seed(8)
+    t_len, s_len = 40, 70
+    q, k, v = (torch.randn(2, 2, n, 16, generator=generator).to(DEVICE).requires_grad_() for n in (t_len, s_len, s_len))
+    key_padding = gapped_padding(2, s_len)
+    if broadcast:
+        key_padding = key_padding[:1].expand(2, s_len)
+    valid = key_padding[:, None, None, :].expand(2, 1, t_len, s_len)
+    if causal:
+        valid = valid & torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len)
+    rate = torch.tensor([0.3, 0.8], device=DEVICE)
+    out = RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rate, causal, 0.25, EPS, blocks)
+    grad = torch.randn(out.shape, generator=generator).to(DEVICE)
+    expected = reference(q, k, v, valid, rate, 0.25)
+    assert_close(out, expected, TOLERANCE[torch.float32], "output")
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], name)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "mask", "kind"),
+    [
+        ((16, 16), "none", "peaky"),
+        ((32, 16), "gapped-padding", "ties"),
+        ((16, 32), "causal", "gaussian"),
+        ((16, 16), "causal-gapped-padding", "peaky"),
+        ((16, 32), "causal-gapped-padding", "ties"),
+        ((32, 16), "none", "gaussian"),
+    ],
+    ids=lambda x: f"BM{x[0]}-BN{x[1]}" if isinstance(x, tuple) else x,
+)
+def test_live_bitmask_covers_every_live_tile(blocks: tuple[int, int], mask: str, kind: str) -> None:
+    """The threshold kernel's live-tile bitmask is conservative: it marks every tile holding a positive reference
+    weight (a superset of the exact live set), and never a tile without a valid entry (padding, past the causal
+    diagonal). Rates 0 and 1 (the search may end after its first pass) and 0.3 / 0.9."""
+    generator = torch.Generator().manual_seed(9)
+    t_len, s_len = 40, 70
+    if kind == "ties":  # integer scores, many equal to the threshold's order statistics
+        q = torch.randint(-2, 3, (2, 4, t_len, 16), generator=generator).float()
+        k = torch.randint(-2, 3, (2, 4, s_len, 16), generator=generator).float()
+    else:
+        q, k = (torch.randn(2, 4, n, 16, generator=generator) for n in (t_len, s_len))
+        if kind == "peaky":  # key 5 far above the rest for most rows: few live tiles
+            q = q * 3.0
+            k[:, :, 5] = q.mean(2) * 2.0
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    key_padding = gapped_padding(2, s_len) if "padding" in mask else None
+    valid = torch.ones(2, 1, t_len, s_len, dtype=torch.bool, device=DEVICE)
+    if key_padding is not None:
+        valid = valid & key_padding[:, None, None, :]
+    if "causal" in mask:
+        valid = valid & torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len)
+    rate = torch.tensor([0.0, 0.3, 0.9, 1.0], device=DEVICE)
+    found = r_softmax_threshold(q, k, key_padding, rate, "causal" in mask, 0.25, EPS, *blocks)
+    probs = r_softmax(q @ k.transpose(-1, -2) * 0.25, rate.view(1, -1, 1, 1), mask=valid, eps=EPS)
+
+    assert (found.block_m, found.block_n) == blocks
+    assert found.live.dtype == torch.uint8 and set(found.live.unique().tolist()) <= {0, 1}
+    live = found.live.bool()
+    assert live.shape == exact_live_tiles(probs, *blocks).shape
+    assert (live | ~exact_live_tiles(probs, *blocks)).all(), "a tile with a positive weight is marked dead"
+    has_valid = exact_live_tiles(valid.expand_as(probs).float(), *blocks)
+    assert not (live & ~has_valid).any(), "a tile without a valid entry is marked live"
+
+
+def test_output_kernel_skips_tiles_marked_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output kernel reads the bitmask and nothing else to skip a tile: with some live tiles marked dead, its
+    output is the weights ``relu(u) exp(x - m)`` of the other tiles (same ``m``, ``t``) over their sum, times ``v``."""
+    generator = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=generator).to(DEVICE) for n in (32, 64, 64))
+    rate = torch.tensor([0.2, 0.6], device=DEVICE)
+    found = r_softmax_threshold(q, k, None, rate, False, 0.25, EPS, 16, 16)
+    keep = torch.ones_like(found.live)
+    keep[0, 0, 0, 2] = keep[0, 1, 1, 0] = keep[0, 1, 1, 3] = 0  # (row block, key block) per head
+    assert (found.live.bool() & ~keep.bool()).any()
+    dropped = dataclasses.replace(found, live=found.live * keep)
+    monkeypatch.setattr(kernels, "r_softmax_threshold", lambda *args, **kwargs: dropped)
+    out, _, _ = r_softmax_attention_fwd(q, k, v, None, rate, False, 0.25, EPS, 16, 16)
+
+    scores = q @ k.transpose(-1, -2) * 0.25  # (1, 2, T, S)
+    shift = scores - found.row_max[..., None]
+    weights = torch.relu(shift + found.margin[..., None]) * shift.exp()
+    weights = weights * keep.bool().repeat_interleave(16, 2).repeat_interleave(16, 3)
+    expected = (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)  # (B, T, H, D)
+    assert_close(out, expected, TOLERANCE[torch.float32], "output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_pruning_keeps_fitting_candidates_for_both_kernels(head_dim: int, dtype: torch.dtype) -> None:
+    """For every supported head dim and dtype the threshold kernel keeps candidates, each within an H100 block's
+    shared memory by the estimate, and each tile leaves the output kernel at least one launch."""
+    named_args = {"Q": torch.empty(0, dtype=dtype)}
+    kept = tuning.prune_threshold_configs(tuning.threshold_configs(), named_args, HEAD_DIM=head_dim)
+    assert kept
+    for config in kept:
+        blocks = {name: config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N")}
+        estimate = tuning.shared_memory_estimate(
+            "threshold", *blocks.values(), head_dim, dtype.itemsize, config.num_stages
+        )
+        assert estimate <= tuning.SHARED_MEMORY_LIMIT
+        assert tuning.prune_output_configs(tuning.output_configs(), named_args, HEAD_DIM=head_dim, **blocks)
+
+
+class ForcedConfig:
+    """Stands in for ``triton.autotune``'s Autotuner on the interpreter (which cannot time kernels): launches the
+    kernel with one given configuration and reports it as ``best_config``, as the Autotuner does after tuning."""
+
+    def __init__(self, kernel: object, config: object) -> None:
+        self.kernel, self.best_config = kernel, config
+
+    def __getitem__(self, grid: object):
+        def launch(*args: object, **kwargs: object) -> None:
+            self.kernel[grid](*args, **kwargs, **self.best_config.kwargs)
+
+        return launch
+
+
+#: one threshold-kernel candidate per distinct tile the pruning keeps for D = 16 in fp32 (the interpreter ignores
+#: warps and stages)
+TUNED_CONFIGS = {
+    (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]): config
+    for config in tuning.prune_threshold_configs(tuning.threshold_configs(), {"Q": torch.empty(0)}, HEAD_DIM=16)
+}
+
+
+@pytest.mark.parametrize("blocks", sorted(TUNED_CONFIGS), ids=lambda b: f"BM{b[0]}-BN{b[1]}")
+def test_every_tuning_candidate_matches_the_reference(monkeypatch: pytest.MonkeyPatch, blocks: tuple) -> None:
+    """The autotuned path with each candidate tile it may choose: buffers allocated for the smallest tile and viewed
+    for the chosen one, key-padding classes computed per 32 keys and combined per tile, the output kernel launched
+    with the threshold kernel's tile. Output, thresholds and bitmask agree with the reference."""
+    forced = ForcedConfig(threshold_module._threshold_kernel, TUNED_CONFIGS[blocks])
+    monkeypatch.setattr(tuning, "autotuned", lambda q, block_m, block_n: block_m is None and block_n is None)
+    monkeypatch.setattr(threshold_module, "_threshold_kernel_tuned", forced)
+    monkeypatch.setattr(
+        kernels, "_output_kernel_tuned", ForcedConfig(kernels._output_kernel, tuning.output_configs()[0])
+    )
+    generator = torch.Generator().manual_seed(11)
+    t_len, s_len = 140, 150  # ragged row and key blocks at every candidate tile
+    q, k, v = (torch.randn(2, 2, n, 16, generator=generator).to(DEVICE) for n in (t_len, s_len, s_len))
+    key_padding = torch.ones(2, s_len, dtype=torch.bool, device=DEVICE)
+    key_padding[0, 32:64] = False  # a dead 32-key block: dead tile or part of a mixed one, depending on BLOCK_N
+    key_padding[1, 100:] = False
+    causal = torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len)
+    valid = key_padding[:, None, None, :] & causal
+    rate = torch.tensor([0.3, 0.8], device=DEVICE)
+    out, (row_max, margin, _, _, live), tile = r_softmax_attention_fwd(q, k, v, key_padding, rate, True, 0.25, EPS)
+
+    scores = q @ k.transpose(-1, -2) * 0.25
+    probs = r_softmax(scores, rate.view(1, -1, 1, 1), mask=valid, eps=EPS)
+    assert tile == blocks
+    assert_close(out, (probs @ v).transpose(1, 2), TOLERANCE[torch.float32], "output")
+    expected_margin = r_softmax_margin(scores, rate.view(1, -1, 1, 1), mask=valid.expand_as(scores), eps=EPS)
+    assert_close(margin, expected_margin.squeeze(-1), TOLERANCE[torch.float32], "margin")
+    assert live.shape == (2, 2, -(-t_len // blocks[0]), -(-s_len // blocks[1]))
+    assert (live.bool() | ~exact_live_tiles(probs, *blocks)).all()
+
+
+def test_backward_skips_the_tiles_the_forward_bitmask_marks_dead() -> None:
+    """The backward reads the forward's live-tile bitmask where each of its tiles lies inside one forward tile: a
+    bitmask marking every tile dead leaves every gradient zero; backward tiles larger than the forward's ignore it
+    and give the gradients of the true bitmask."""
+    q, k, v, grad = (x.detach() for x in backward_inputs(33, 47))
+    rate = torch.tensor([0.25, 0.75], device=DEVICE)
+    out, stats, blocks = r_softmax_attention_fwd(q, k, v, None, rate, False, 0.25, EPS, 16, 16)
+    assert blocks == (16, 16)
+    grads = r_softmax_attention_bwd(grad, q, k, v, out, None, stats, False, 0.25, 16, 16, live_blocks=blocks)
+    dead = (*stats[:4], torch.zeros_like(stats[4]))
+    skipped = r_softmax_attention_bwd(grad, q, k, v, out, None, dead, False, 0.25, 16, 16, live_blocks=blocks)
+    assert all((gradient == 0).all() for gradient in skipped)
+    ignored = r_softmax_attention_bwd(grad, q, k, v, out, None, dead, False, 0.25, 32, 32, live_blocks=blocks)
+    for name, actual, wanted in zip(("dq", "dk", "dv"), ignored, grads, strict=True):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], name)

@@ -16,9 +16,9 @@ import pytest
 import torch
 import transformers
 from conftest import padded_batch, tiny_model
+from device_traffic import DeviceTraffic
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 import hf_sparse_attn
@@ -110,39 +110,6 @@ def test_key_padding_and_causal_offset_mean_the_mask_they_describe(offset: int |
     expected_out, expected = r_softmax_attention(q, k, v, explicit_mask(key_padding, offset, 5, 9), 0.5)
     torch.testing.assert_close(weights, expected)
     torch.testing.assert_close(out, expected_out)
-
-
-class DeviceTraffic(TorchFunctionMode):
-    """Counts, among the torch calls made inside the block, reads of tensor data on the host (each one a device
-    sync on CUDA; ``tolist`` does not reach the dispatcher, so a function mode, not a dispatch mode) and new tensors
-    whose storage holds at least ``limit_bytes`` (views of the given inputs do not count)."""
-
-    HOST_READS = frozenset(
-        {
-            torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
-            torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu,
-            torch.Tensor.nonzero, torch.nonzero, torch.Tensor.any, torch.Tensor.all, torch.any, torch.all,
-        }
-    )  # fmt: skip
-
-    def __init__(self, limit_bytes: int, inputs: tuple[torch.Tensor, ...]) -> None:
-        super().__init__()
-        self.limit_bytes = limit_bytes
-        self.input_storages = {x.untyped_storage().data_ptr() for x in inputs}
-        self.host_reads: list[str] = []
-        self.large: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.HOST_READS:
-            self.host_reads.append(func.__name__)
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else (out,):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                continue
-            storage = tensor.untyped_storage()
-            if storage.nbytes() >= self.limit_bytes and storage.data_ptr() not in self.input_storages:
-                self.large.append(getattr(func, "__name__", str(func)))
-        return out
 
 
 @pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
