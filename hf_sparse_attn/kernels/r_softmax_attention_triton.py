@@ -587,15 +587,6 @@ def _blocks(q: torch.Tensor, block_m: int | None, block_n: int | None) -> tuple[
     return block_m or default_m, block_n or default_n
 
 
-#: the output kernel autotuned (CUDA only) over warps and stages, for the blocks the threshold launch chose
-_output_kernel_tuned = triton.autotune(
-    configs=tuning.output_configs(),
-    key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_PAD", "DROPOUT", "s_bucket"],
-    prune_configs_by={"early_config_prune": tuning.prune_output_configs},
-    cache_results=True,
-)(_output_kernel)
-
-
 def dropout_keep_mask(
     seed: int, p: float, batch: int, heads: int, t_len: int, s_len: int, device: torch.device | str
 ) -> torch.Tensor:
@@ -652,9 +643,7 @@ def r_softmax_attention_fwd(
     argmax = torch.empty(batch, heads, t_len, dtype=torch.int32, device=q.device)
     pad, stride_pb, stride_pn = _padding_args(key_padding, q)
     classes = found.tile_classes
-    tuned = tuning.autotuned(q, block_m, block_n)
-    kernel = _output_kernel_tuned if tuned else _output_kernel
-    kernel[(triton.cdiv(t_len, found.block_m), batch * heads)](
+    _output_kernel[(triton.cdiv(t_len, found.block_m), batch * heads)](
         q, k, v, pad, q if classes is None else classes, found.live, out, found.row_max, found.margin, total, argmax,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -664,7 +653,7 @@ def r_softmax_attention_fwd(
         heads, t_len, s_len, s_len - t_len, scale, seed, dropout, tuning.s_bucket(s_len),
         HEAD_DIM=head_dim, BLOCK_M=found.block_m, BLOCK_N=found.block_n, CLASS_BLOCK=found.class_block,
         CAUSAL=causal, HAS_PAD=key_padding is not None, DROPOUT=dropout > 0, **kernel_options(q),
-        **launch_options(q, tuned),
+        **launch_options(q, tuned=True), **found.launch,  # the search's tile, warps and stages: the same scores
     )  # fmt: skip
     return out, (found.row_max, found.margin, total, argmax, found.live), (found.block_m, found.block_n)
 
@@ -706,6 +695,8 @@ def r_softmax_attention_bwd(
     batch, heads, t_len, head_dim = q.shape
     s_len = k.shape[2]
     stat_m, stat_t, stat_z, argmax, live = stats
+    if block_n is None and live_blocks is not None:  # nest in the forward's tiles, so that its bitmask applies
+        block_n = min(_blocks(q, None, None)[1], live_blocks[1])  # powers of 2: the smaller divides the larger
     block_m, block_n = _blocks(q, block_m, block_n)
     has_live = live_blocks is not None and live_blocks[0] % block_m == 0 and live_blocks[1] % block_n == 0
     live_m, live_n = live_blocks if has_live else (block_m, block_n)  # constexprs: no compilation per unused tile

@@ -116,7 +116,7 @@ def _tile_class(CLASS, i_n, S, n_class, BLOCK_N: tl.constexpr, CLASS_BLOCK: tl.c
         if BLOCK_N == CLASS_BLOCK:
             return tl.load(CLASS + i_n // CLASS_BLOCK).to(tl.int32)
         o_c = i_n // CLASS_BLOCK + tl.arange(0, BLOCK_N // CLASS_BLOCK)
-        b_c = tl.load(CLASS + o_c, mask=o_c < n_class, other=0).to(tl.int32)
+        b_c = tl.load(CLASS + o_c, mask=o_c < n_class, other=TILE_DEAD).to(tl.int32)  # keys past S: invalid
         return tl.max(b_c & TILE_FULL, 0) | tl.max(b_c & TILE_DEAD, 0)
     return tl.where(i_n + BLOCK_N <= S, TILE_FULL, TILE_MIXED)
 
@@ -540,6 +540,9 @@ class Threshold:
         block_m, block_n: the tile the search ran with (tuned on CUDA unless fixed), which ``live`` refers to.
         tile_classes: int8 ``[B, cdiv(S, class_block)]`` from :func:`key_tile_classes` (None without key padding), and
         class_block: its granularity; the output kernel reads both.
+        launch: the warps and stages the search ran with (empty on the interpreter). The output kernel runs with
+            the same ones, so that both compute the same fp32 scores (``tl.dot`` at another warp count may sum
+            ``D`` in another order; the argmax test ``x = m`` and the bitmask's argument need equal scores).
     """
 
     row_max: torch.Tensor
@@ -550,6 +553,7 @@ class Threshold:
     block_n: int
     tile_classes: torch.Tensor | None
     class_block: int
+    launch: dict[str, int]
 
 
 #: the threshold kernel autotuned (CUDA only): blocks, warps and stages per (head dim, dtypes, causal, padding, S)
@@ -624,9 +628,12 @@ def r_softmax_threshold(
         **launch_options(q, tuned),
     )  # fmt: skip
     if tuned:  # the configuration this call ran (a host-side choice: no sync)
-        block_m, block_n = (kernel.best_config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N"))
+        config = kernel.best_config
+        block_m, block_n = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N"))
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     else:
         block_m, block_n = rows_m, rows_n
+        launch = dict(tuning.DEFAULT_LAUNCH) if q.is_cuda else {}
     row_blocks, key_blocks = triton.cdiv(t_len, block_m), triton.cdiv(s_len, block_n)
     return Threshold(
         row_max=row_max,
@@ -637,4 +644,5 @@ def r_softmax_threshold(
         block_n=block_n,
         tile_classes=classes,
         class_block=rows_n,
+        launch=launch,
     )

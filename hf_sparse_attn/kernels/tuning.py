@@ -1,15 +1,15 @@
 """Launch configurations of the r-softmax attention forward kernels: candidates, pruning and defaults.
 
-The threshold kernel (``r_softmax_threshold_triton._threshold_kernel``) and the output kernel
-(``r_softmax_attention_triton._output_kernel``) are autotuned separately on CUDA with ``triton.autotune``, keyed on
-the head dimension, the input dtypes, causality, key padding (and dropout for the output kernel) and ``S`` rounded
-up to a power of 2 (``s_bucket``); timings are cached on disk (``cache_results``). They must agree
-on the tiles: the threshold kernel writes a live-tile bitmask per ``(BLOCK_M, BLOCK_N)`` tile that the output kernel
-reads, so **the threshold kernel's tuned block sizes drive both**: it is tuned over :func:`threshold_configs` (block
-sizes, warps, stages), the output kernel over :func:`output_configs` (warps, stages) with the blocks the threshold
-launch chose. Triton's interpreter cannot time kernels (``triton.autotune`` uses CUDA events), so on CPU, and
-whenever the caller fixes the blocks (tests do), one configuration is launched directly: the given blocks or
-:func:`default_blocks`, :data:`DEFAULT_LAUNCH` warps and stages.
+The threshold kernel (``r_softmax_threshold_triton._threshold_kernel``) is autotuned on CUDA with
+``triton.autotune`` over :func:`threshold_configs` (block sizes, warps, stages), keyed on the head dimension, the
+input dtypes, causality, key padding and ``S`` rounded up to a power of 2 (``s_bucket``); timings are cached on
+disk (``cache_results``). **Its choice drives the output kernel** (``r_softmax_attention_triton._output_kernel``),
+which runs with the same tile, warps and stages: the threshold kernel writes a live-tile bitmask per
+``(BLOCK_M, BLOCK_N)`` tile that the output kernel reads, and both must compute the same fp32 scores (the output
+kernel's argmax test ``x = m`` and the bitmask's argument rely on it; ``tl.dot`` at another warp count may sum the
+head dimension in another order). Triton's interpreter cannot time kernels (``triton.autotune`` uses CUDA
+events), so on CPU, and whenever the caller fixes the blocks (tests do), one configuration is launched directly:
+the given blocks or :func:`default_blocks`, :data:`DEFAULT_LAUNCH` warps and stages.
 
 Pruning (``early_config_prune``, per head dim and dtype) keeps a configuration when
 
@@ -43,8 +43,6 @@ __all__ = [
     "autotuned",
     "default_blocks",
     "fits",
-    "output_configs",
-    "prune_output_configs",
     "prune_threshold_configs",
     "s_bucket",
     "shared_memory_estimate",
@@ -117,27 +115,20 @@ def threshold_configs() -> list[triton.Config]:
     ]
 
 
-def output_configs() -> list[triton.Config]:
-    """Every candidate of the output kernel: warps and stages (its blocks are the threshold launch's)."""
-    grid = itertools.product(NUM_WARPS_CANDIDATES, NUM_STAGES_CANDIDATES)
-    return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in grid]
-
-
 def prune_threshold_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the threshold kernel: the candidates that fit (head dim and dtype of the call) and
-    whose blocks leave the output kernel at least one fitting launch (its leanest: fewest stages, most warps)."""
+    """``early_config_prune`` of the threshold kernel: the candidates with which both forward kernels fit (head dim
+    and dtype of the call; the output kernel runs with the same configuration)."""
     head_dim, dtype = kwargs["HEAD_DIM"], named_args["Q"].dtype
-    lean = {"num_warps": max(NUM_WARPS_CANDIDATES), "num_stages": min(TUNED_STAGES)}
     kept = []
     for config in configs:
-        blocks = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], head_dim, dtype)
-        if fits("threshold", *blocks, config.num_warps, config.num_stages) and fits("output", *blocks, **lean):
+        launch = (
+            config.kwargs["BLOCK_M"],
+            config.kwargs["BLOCK_N"],
+            head_dim,
+            dtype,
+            config.num_warps,
+            config.num_stages,
+        )
+        if fits("threshold", *launch) and fits("output", *launch):
             kept.append(config)
     return kept
-
-
-def prune_output_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """``early_config_prune`` of the output kernel, for the block sizes the threshold launch chose (never empty:
-    :func:`prune_threshold_configs` keeps only blocks that leave one)."""
-    blocks = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["HEAD_DIM"], named_args["Q"].dtype)
-    return [config for config in configs if fits("output", *blocks, config.num_warps, config.num_stages)]

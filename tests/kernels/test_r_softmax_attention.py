@@ -672,7 +672,7 @@ def test_output_kernel_skips_tiles_marked_dead(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 def test_pruning_keeps_fitting_candidates_for_both_kernels(head_dim: int, dtype: torch.dtype) -> None:
     """For every supported head dim and dtype the threshold kernel keeps candidates, each within an H100 block's
-    shared memory by the estimate, and each tile leaves the output kernel at least one launch."""
+    shared memory by the estimate, and each fits the output kernel too (which runs with the same configuration)."""
     named_args = {"Q": torch.empty(0, dtype=dtype)}
     kept = tuning.prune_threshold_configs(tuning.threshold_configs(), named_args, HEAD_DIM=head_dim)
     assert kept
@@ -682,7 +682,7 @@ def test_pruning_keeps_fitting_candidates_for_both_kernels(head_dim: int, dtype:
             "threshold", *blocks.values(), head_dim, dtype.itemsize, config.num_stages
         )
         assert estimate <= tuning.SHARED_MEMORY_LIMIT
-        assert tuning.prune_output_configs(tuning.output_configs(), named_args, HEAD_DIM=head_dim, **blocks)
+        assert tuning.fits("output", *blocks.values(), head_dim, dtype, config.num_warps, config.num_stages)
 
 
 class ForcedConfig:
@@ -708,26 +708,28 @@ TUNED_CONFIGS = {
 
 
 @pytest.mark.parametrize("blocks", sorted(TUNED_CONFIGS), ids=lambda b: f"BM{b[0]}-BN{b[1]}")
-def test_every_tuning_candidate_matches_the_reference(monkeypatch: pytest.MonkeyPatch, blocks: tuple) -> None:
+@pytest.mark.parametrize(("s_len", "causal"), [(150, True), (160, False)], ids=["S150-causal", "S160"])
+def test_every_tuning_candidate_matches_the_reference(
+    monkeypatch: pytest.MonkeyPatch, blocks: tuple, s_len: int, causal: bool
+) -> None:
     """The autotuned path with each candidate tile it may choose: buffers allocated for the smallest tile and viewed
     for the chosen one, key-padding classes computed per 32 keys and combined per tile, the output kernel launched
     with the threshold kernel's tile. Output, thresholds and bitmask agree with the reference."""
     forced = ForcedConfig(threshold_module._threshold_kernel, TUNED_CONFIGS[blocks])
     monkeypatch.setattr(tuning, "autotuned", lambda q, block_m, block_n: block_m is None and block_n is None)
     monkeypatch.setattr(threshold_module, "_threshold_kernel_tuned", forced)
-    monkeypatch.setattr(
-        kernels, "_output_kernel_tuned", ForcedConfig(kernels._output_kernel, tuning.output_configs()[0])
-    )
     generator = torch.Generator().manual_seed(11)
-    t_len, s_len = 140, 150  # ragged row and key blocks at every candidate tile
+    t_len = 140  # S = 150: ragged key blocks at every candidate tile; S = 160 (not causal, so no position test
+    # masks them): whole 32-key class blocks but a ragged tile wherever BLOCK_N > 32, whose class blocks past S
+    # must count as invalid keys, not as no keys
     q, k, v = (torch.randn(2, 2, n, 16, generator=generator).to(DEVICE) for n in (t_len, s_len, s_len))
     key_padding = torch.ones(2, s_len, dtype=torch.bool, device=DEVICE)
     key_padding[0, 32:64] = False  # a dead 32-key block: dead tile or part of a mixed one, depending on BLOCK_N
     key_padding[1, 100:] = False
-    causal = torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len)
-    valid = key_padding[:, None, None, :] & causal
+    visible = torch.ones(t_len, s_len, dtype=torch.bool, device=DEVICE).tril(s_len - t_len if causal else s_len)
+    valid = key_padding[:, None, None, :] & visible
     rate = torch.tensor([0.3, 0.8], device=DEVICE)
-    out, (row_max, margin, _, _, live), tile = r_softmax_attention_fwd(q, k, v, key_padding, rate, True, 0.25, EPS)
+    out, (row_max, margin, _, _, live), tile = r_softmax_attention_fwd(q, k, v, key_padding, rate, causal, 0.25, EPS)
 
     scores = q @ k.transpose(-1, -2) * 0.25
     probs = r_softmax(scores, rate.view(1, -1, 1, 1), mask=valid, eps=EPS)
