@@ -89,6 +89,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name:
     assert error <= tol * scale, f"{name}: max abs error {error:.3e} > {tol:.0e} x {scale:.3e}"
 
 
+def assert_matches_reference(
+    out: torch.Tensor,
+    expected: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    reference_inputs: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+    tol: float,
+) -> tuple[torch.Tensor, ...]:
+    """The kernel's output and its ``q``, ``k``, ``v`` gradients (inputs' dtype) against the reference's, for the same
+    upstream gradient ``grad``; returns the kernel's gradients."""
+    grads = torch.autograd.grad(out, inputs, grad)
+    expected_grads = torch.autograd.grad(expected, reference_inputs, grad.float())
+    assert_close(out, expected, tol, "output")
+    for name, actual, wanted, leaf in zip(("dq", "dk", "dv"), grads, expected_grads, inputs, strict=True):
+        assert actual.dtype == leaf.dtype
+        assert_close(actual, wanted, tol, name)
+    return grads
+
+
 def run_case(
     batch: int,
     heads: int,
@@ -111,17 +130,10 @@ def run_case(
     scale = head_dim**-0.5
     out = RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rate, "causal" in kind, scale, EPS, blocks)
     grad = torch.randn(out.shape, generator=generator).to(DEVICE, dtype)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     expected = reference(q32, k32, v32, valid, rate, scale)
-    expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad.float())
     assert out.dtype == dtype and out.shape == (batch, t_len, heads, head_dim)
-    tol = TOLERANCE[dtype]
-    assert_close(out, expected, tol, "output")
-    for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
-        assert actual.dtype == dtype
-        assert_close(actual, wanted, tol, name)
+    assert_matches_reference(out, expected, (q, k, v), (q32, k32, v32), grad, TOLERANCE[dtype])
 
 
 CASES = [
@@ -314,16 +326,11 @@ def test_dropout_matches_the_reference_with_the_same_mask(kind: str) -> None:
     key_padding, valid = make_masks(batch, t_len, s_len, "causal-padding" if kind == "causal" else kind)
     out = RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rate, kind == "causal", 0.25, EPS, None, p_drop, seed)
     grad = torch.randn(out.shape, generator=generator).to(DEVICE)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-
     keep = dropout_keep_mask(seed, p_drop, batch, heads, t_len, s_len, DEVICE)  # (B, H, T, S)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     probs = r_softmax(q32 @ k32.transpose(-1, -2) * 0.25, rate.view(1, -1, 1, 1), mask=valid, eps=EPS)
     expected = ((probs * keep / (1 - p_drop)) @ v32).transpose(1, 2)  # (B, T, H, D)
-    expected_grads = torch.autograd.grad(expected, (q32, k32, v32), grad)
-    assert_close(out, expected, TOLERANCE[torch.float32], "output")
-    for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
-        assert_close(actual, wanted, TOLERANCE[torch.float32], name)
+    assert_matches_reference(out, expected, (q, k, v), (q32, k32, v32), grad, TOLERANCE[torch.float32])
 
     kept = keep.float().mean().item()  # B H T S = 7680 Bernoulli(0.7) draws: 5 standard deviations
     assert abs(kept - (1 - p_drop)) <= 5 * ((p_drop * (1 - p_drop)) / keep.numel()) ** 0.5
@@ -350,12 +357,8 @@ def test_dead_tiles_next_to_live_ones() -> None:
     out = RSoftmaxAttentionFunction.apply(q, k, v, None, rate, False, 0.25, EPS, (16, 16))
     grad = torch.randn(out.shape, generator=generator).to(DEVICE)
     expected = reference(q, k, v, None, rate, 0.25)
-    assert_close(out, expected, TOLERANCE[torch.float32], "output")
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-    for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
-        assert_close(actual, wanted, TOLERANCE[torch.float32], name)
-    assert (grads[1][:, :, 16:32] == 0).all() and (grads[2][:, :, 16:32] == 0).all()
+    _, dk, dv = assert_matches_reference(out, expected, (q, k, v), (q, k, v), grad, TOLERANCE[torch.float32])
+    assert (dk[:, :, 16:32] == 0).all() and (dv[:, :, 16:32] == 0).all()
 
     # the threshold kernel's bitmask marks the block dead where the quantile lies above it (r = 0.5; at r = 0.25 the
     # quantile is next to the block's largest score and the bound may keep it), its neighbours live
@@ -593,11 +596,7 @@ def test_tile_classes_match_the_reference(blocks: tuple[int, int], causal: bool,
     out = RSoftmaxAttentionFunction.apply(q, k, v, key_padding, rate, causal, 0.25, EPS, blocks)
     grad = torch.randn(out.shape, generator=generator).to(DEVICE)
     expected = reference(q, k, v, valid, rate, 0.25)
-    assert_close(out, expected, TOLERANCE[torch.float32], "output")
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-    for name, actual, wanted in zip(("dq", "dk", "dv"), grads, expected_grads, strict=True):
-        assert_close(actual, wanted, TOLERANCE[torch.float32], name)
+    assert_matches_reference(out, expected, (q, k, v), (q, k, v), grad, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize(
