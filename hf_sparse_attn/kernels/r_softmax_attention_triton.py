@@ -439,34 +439,10 @@ def _bwd_kernel(
             b_delta = tl.load(STAT_DELTA + o_stat, mask=m_m, other=0.0)
             b_arg = tl.load(STAT_ARG + o_stat, mask=m_m, other=-1)
             any_alive, b_p, b_ds, b_rho_terms = _bwd_tile(
-                b_q,
-                b_do,
-                b_k,
-                b_v,
-                PAD,
-                key_class,
-                i_m // BLOCK_M,
-                i_n * BLOCK_N,
-                b_max,
-                b_t,
-                b_inv_z,
-                b_delta,
-                b_arg,
-                i_bh,
-                S,
-                offset,
-                scale,
-                seed,
-                p_drop,
-                stride_pn,
-                BLOCK_M,
-                BLOCK_N,
-                CAUSAL,
-                HAS_PAD,
-                DOT_PRECISION,
-                UPCAST,
-                DROPOUT,
-            )
+                b_q, b_do, b_k, b_v, PAD, key_class, i_m // BLOCK_M, i_n * BLOCK_N, b_max, b_t, b_inv_z, b_delta, b_arg,
+                i_bh, S, offset, scale, seed, p_drop, stride_pn,
+                BLOCK_M, BLOCK_N, CAUSAL, HAS_PAD, DOT_PRECISION, UPCAST, DROPOUT,
+            )  # fmt: skip
             if any_alive:
                 b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, DOT_PRECISION, UPCAST)
                 b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, DOT_PRECISION, UPCAST)
