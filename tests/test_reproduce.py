@@ -123,6 +123,24 @@ def test_only_matching_nothing_is_an_error(tiny_corpus: Path, tmp_path: Path) ->
         lm_heads.main([*lm_argv(tiny_corpus, tmp_path), "--only", "wt2-*"])
 
 
+def test_lm_grid_defaults_give_each_corpus_its_epochs(tmp_path: Path) -> None:
+    from benchmarks.reproduce import lm_heads, runner
+
+    def grid(*options: str) -> dict[str, runner.Run]:
+        parser = lm_heads.parser()
+        runner.add_arguments(parser)
+        args = parser.parse_args(["--data-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path), *options])
+        return {run.name: run for run in lm_heads.build(args)}
+
+    runs = grid()
+    ptb, wt2, finetune = runs["ptb-mos-seed2"], runs["wt2-mos-seed0"], runs["ptb-finetune-mos-seed0"]
+    assert (ptb.config["epochs"], wt2.config["epochs"], finetune.config["epochs"]) == (6.0, 2.0, 2.0)
+    steps_per_epoch = {"ptb": -(-(929_589 // 128) // 32), "wt2": -(-(2_088_628 // 128) // 32)}  # MANIFEST tokens
+    assert (ptb.steps, wt2.steps) == (6 * steps_per_epoch["ptb"], 2 * steps_per_epoch["wt2"])
+    assert "wt2-mos-seed1" not in runs  # WikiText-2: the first seed only
+    assert {run.config["epochs"] for name, run in grid("--epochs", "3").items() if "finetune" not in name} == {3.0}
+
+
 def test_lm_driver_and_summariser(tiny_corpus: Path, tmp_path: Path) -> None:
     from benchmarks.reproduce import lm_heads, summarise
 

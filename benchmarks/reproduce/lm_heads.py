@@ -1,6 +1,6 @@
 """Table 2: LM heads in GPT-2-architecture models trained from scratch on PTB and WikiText-2 (word level).
 
-The grid: a 4-layer GPT-2 (d = 256, 4 attention heads, blocks of 128 tokens; d ≪ V, the softmax-bottleneck regime)
+The grid: a 4-layer GPT-2 (d = 128, 4 attention heads, blocks of 128 tokens; d ≪ V, the softmax-bottleneck regime)
 with the softmax, sigsoftmax, MoS (K = 4), MoSS (K = 4) and PLIF (1,000 knots on [-20, 20]) heads; 3 seeds on PTB
 (Mikolov's version, 10,000 words incl. ``<eos>``), the first seed on WikiText-2 (33,278 words). Every run trains with
 ``recipes/causal_lm.py`` and the same hyper-parameters (below), evaluates the validation set after every epoch, keeps
@@ -32,8 +32,11 @@ from benchmarks.reproduce.runner import Run, call_recipe
 from benchmarks.reproduce.runner import main as run_grid
 
 TABLE = "lm_heads"
-#: corpus -> (folder, file name pattern with {split}, seeds used: "all" or the first)
-CORPORA = {"ptb": ("ptb", "ptb.{split}.txt.gz", True), "wt2": ("wikitext-2", "wiki.{split}.tokens.gz", False)}
+#: corpus -> (folder, file name pattern with {split}, all seeds (True) or the first, default training epochs)
+CORPORA = {
+    "ptb": ("ptb", "ptb.{split}.txt.gz", True, 6.0),
+    "wt2": ("wikitext-2", "wiki.{split}.tokens.gz", False, 2.0),
+}
 #: corpus -> training tokens incl. one <eos> per line (data MANIFEST), for the step count of the estimate
 TRAIN_TOKENS = {"ptb": 929_589, "wt2": 2_088_628}
 HEADS = ("softmax", "sigsoftmax", "mos", "moss", "plif")
@@ -45,12 +48,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=",".join(HEADS), help="comma list of heads")
     p.add_argument("--seeds", default="0,1,2", help="PTB seeds (WikiText-2: the first)")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks")
-    p.add_argument("--width", type=int, default=256, help="model width d")
+    p.add_argument("--width", type=int, default=128, help="model width d")
     p.add_argument("--block-size", type=int, default=128, help="tokens per training block")
-    p.add_argument("--epochs", type=float, default=12.0, help="training epochs")
+    p.add_argument(
+        "--epochs", type=float, default=None, help="training epochs on every corpus (default: PTB 6, WikiText-2 2)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="blocks per optimizer step")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW peak learning rate (cosine decay)")
-    p.add_argument("--finetune-epochs", type=float, default=3.0, help="epochs of the fine-tuning row")
+    p.add_argument("--finetune-epochs", type=float, default=2.0, help="epochs of the fine-tuning row")
     p.add_argument("--finetune-learning-rate", type=float, default=3e-4, help="peak learning rate of the row")
     p.add_argument("--max-train-samples", type=int, default=None, help="first N training blocks (default: all)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="first N validation / test blocks")
@@ -62,7 +67,7 @@ def tokenizer_dir(args: argparse.Namespace, corpus: str):
 
 
 def data_file(args: argparse.Namespace, corpus: str, split: str) -> str:
-    folder, pattern, _ = CORPORA[corpus]
+    folder, pattern, _, _ = CORPORA[corpus]
     return str(args.data_dir / folder / pattern.format(split=split))
 
 
@@ -138,7 +143,8 @@ def build(args: argparse.Namespace) -> list[Run]:
         if corpus not in CORPORA:
             raise ValueError(f"--corpora: unknown corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
         corpus_seeds = seeds if CORPORA[corpus][2] else seeds[:1]
-        config = {**shared, "corpus": corpus, "epochs": args.epochs, "learning_rate": args.learning_rate}
+        epochs = args.epochs or CORPORA[corpus][3]
+        config = {**shared, "corpus": corpus, "epochs": epochs, "learning_rate": args.learning_rate}
         base = [
             "--model_type",
             "gpt2",
@@ -146,7 +152,7 @@ def build(args: argparse.Namespace) -> list[Run]:
             overrides,
             "--tokenizer_name",
             str(tokenizer_dir(args, corpus)),
-            *recipe_argv(corpus, args.epochs, args.learning_rate),
+            *recipe_argv(corpus, epochs, args.learning_rate),
         ]
         for head in heads:
             for seed in corpus_seeds:
@@ -158,7 +164,7 @@ def build(args: argparse.Namespace) -> list[Run]:
                         recipe="causal_lm",
                         argv=(*base, *head_argv(head)),
                         config={**config, "head": head},
-                        steps=steps(corpus, args.epochs),
+                        steps=steps(corpus, epochs),
                         evaluations=test_eval(corpus),
                         keep=seed == corpus_seeds[0],
                     )
