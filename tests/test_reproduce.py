@@ -2,11 +2,14 @@
 
 Checked: one JSON per finished run with its metrics and learning curve, finished runs skipped on restart, the
 first seed's checkpoint kept and the others' deleted, the fine-tuning row refusing to start without its origin, and
-the summariser's tables (numbers recomputed here from the JSON) and plots.
+the summariser's tables (numbers recomputed here from the JSON) and plots; ``--jobs`` (concurrent runs, the
+fine-tuning row after its origin, a failure stopping only its run and the runs that start from it), the claims that
+keep drivers sharing a folder from training a run twice, and ``--device``.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import random
@@ -285,3 +288,220 @@ def _tiny_patched_bert(rates: list):
     config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=16, max_position_embeddings=16)  # fmt: skip
     return hf_sparse_attn.patch_model(BertForSequenceClassification(config), sparsity=rates)
+
+
+# --jobs, claims and --device: recipe subprocesses (as a real driver runs them) on the tiny LM grid, without its
+# test-set evaluations (one more subprocess per run; the scheduling, not the evaluation, is tested here)
+
+
+def jobs_argv(data: Path, tmp_path: Path, jobs: int) -> list[str]:
+    return [*(a for a in lm_argv(data, tmp_path) if a != "--in-process"), "--jobs", str(jobs)]
+
+
+def lm_grid(broken: str | None = None):
+    """``lm_heads.build`` without the evaluations; ``broken``: the run given an option its recipe rejects."""
+    import dataclasses
+
+    from benchmarks.reproduce import lm_heads
+
+    def build(args):
+        runs = [dataclasses.replace(run, evaluations=()) for run in lm_heads.build(args)]
+        return [dataclasses.replace(r, argv=(*r.argv, "--no_such_option")) if r.name == broken else r for r in runs]
+
+    return build
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a driver killed while it held a claim)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_jobs_run_concurrently_and_start_the_finetune_row_after_its_origin(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import socket
+
+    from benchmarks.reproduce import lm_heads, runner
+
+    parser = lm_heads.parser()
+    runner.add_arguments(parser)
+    args = parser.parse_args(jobs_argv(tiny_corpus, tmp_path, 2))
+    grid = {run.name: run for run in lm_grid()(args)}
+    # a driver killed while it trained ptb-mos-seed0 left its claim: stale, so it is taken over
+    stale = runner.claim_path(grid["ptb-mos-seed0"], args.checkpoint_dir)
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+
+    status = runner.main(lm_grid(), lm_heads.parser(), jobs_argv(tiny_corpus, tmp_path, 2), prepare=lm_heads.prepare)
+    assert status == 0
+    out = capsys.readouterr().out.splitlines()
+    results = tmp_path / "results" / "lm_heads"
+    # the files a serial run writes: one per run of the grid, named by its hash
+    assert sorted(p.name for p in results.glob("*.json")) == sorted(
+        r.result_path(args.results_dir).name for r in grid.values()
+    )
+    started = {line.split()[1]: i for i, line in enumerate(out) if line.startswith("run ")}
+    ended = {line.split()[1].rstrip(":"): i for i, line in enumerate(out) if line.startswith("done ")}
+    assert started["lm_heads/ptb-mos-seed0"] < ended["lm_heads/ptb-softmax-seed0"]  # two at once
+    for head in ("softmax", "mos"):
+        assert started[f"lm_heads/ptb-finetune-{head}-seed0"] > ended["lm_heads/ptb-softmax-seed0"]
+    assert f"taking over {stale} (pid" in "\n".join(out)
+    folder = tmp_path / "ckpt" / "lm_heads"
+    assert not list(folder.glob("*.claim*"))  # every claim released, no temporary file left
+    for run in grid.values():
+        record = json.loads(run.result_path(args.results_dir).read_text())
+        assert record["machine"]["device"] == "cpu" and record["machine"]["jobs"] == 2
+        assert "--use_cpu" in record["argv"] and record["cpu_seconds"] > 0
+        assert "train_runtime" in runner.log_path(run, args.checkpoint_dir).read_text()  # its recipe's output
+    finetune = json.loads(grid["ptb-finetune-mos-seed0"].result_path(args.results_dir).read_text())
+    origin = json.loads(grid["ptb-softmax-seed0"].result_path(args.results_dir).read_text())
+    assert finetune["finished"] >= origin["finished"]
+
+
+def test_jobs_a_failed_run_stops_only_itself_and_the_runs_that_start_from_it(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from benchmarks.reproduce import lm_heads, runner
+
+    argv = jobs_argv(tiny_corpus, tmp_path, 2)
+    assert runner.main(lm_grid(broken="ptb-softmax-seed0"), lm_heads.parser(), argv, prepare=lm_heads.prepare) == 1
+    out = capsys.readouterr().out
+    assert "FAILED lm_heads/ptb-softmax-seed0: recipes/causal_lm.py exited with status 1" in out
+    assert "--no_such_option" in out  # the end of its log, which says why
+    for head in ("softmax", "mos"):
+        assert f"not run lm_heads/ptb-finetune-{head}-seed0: its origin ptb-softmax-seed0 did not finish" in out
+    summary = "ptb-softmax-seed0 (failed), ptb-finetune-softmax-seed0 (not run), ptb-finetune-mos-seed0 (not run)"
+    assert out.splitlines()[-1] == f"3 of 4 runs did not finish: {summary}"
+    (result,) = (tmp_path / "results" / "lm_heads").glob("*.json")  # the other run finished
+    assert json.loads(result.read_text())["name"] == "ptb-mos-seed0"
+    assert not list((tmp_path / "ckpt" / "lm_heads").glob("*.claim*"))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_run_claimed_by_a_live_driver_is_skipped(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture, jobs: int
+) -> None:
+    import os
+    import socket
+
+    from benchmarks.reproduce import lm_heads, runner
+
+    argv = [*jobs_argv(tiny_corpus, tmp_path, jobs), "--only", "ptb-softmax-seed0"]
+    parser = lm_heads.parser()
+    runner.add_arguments(parser)
+    args = parser.parse_args(argv)
+    (run,) = runner.select(lm_heads.build(args), args.only)
+    path = runner.claim_path(run, args.checkpoint_dir)
+    path.parent.mkdir(parents=True)
+    holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})  # this process: alive
+    path.write_text(holder)
+    assert lm_heads.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"skip lm_heads/ptb-softmax-seed0 (claimed by pid {os.getpid()} on {socket.gethostname()}: {path})" in out
+    assert path.read_text() == holder and not (tmp_path / "results").exists()
+    assert not (tmp_path / "ckpt" / "lm_heads" / "tokenizer-ptb").exists()  # nothing started, nothing prepared
+
+
+def test_claim_is_exclusive_and_takes_over_a_dead_drivers_claim(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    from benchmarks.reproduce.runner import claim
+
+    path = tmp_path / "run.claim"
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    assert claim(path) is None and json.loads(path.read_text()) == me
+    assert claim(path) == me  # held (by a live process): a second claim fails, even this process's own
+    path.write_text(json.dumps({"host": me["host"], "pid": dead_pid()}))
+    assert claim(path) is None and json.loads(path.read_text()) == me
+    elsewhere = {"host": f"not-{me['host']}", "pid": dead_pid()}  # another host's pid cannot be checked here
+    path.write_text(json.dumps(elsewhere))
+    assert claim(path) == elsewhere
+    assert [p.name for p in tmp_path.iterdir()] == ["run.claim"]
+    path.write_text("")
+    with pytest.raises(ValueError, match="run.claim is not a claim"):
+        claim(path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--jobs", "0"], "--jobs must be >= 1; got 0"),
+        (["--jobs", "2", "--in-process"], "--jobs 2 with --in-process"),
+    ],
+)
+def test_jobs_bad_values_are_errors(tiny_corpus: Path, tmp_path: Path, options: list[str], message: str) -> None:
+    from benchmarks.reproduce import lm_heads
+
+    with pytest.raises(ValueError, match=message):
+        lm_heads.main([*jobs_argv(tiny_corpus, tmp_path, 1), *options])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_device_cuda_without_a_gpu_is_an_error_at_start(tiny_corpus: Path, tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.reproduce import lm_heads
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=r"--device cuda: torch .* sees no GPU here .* use --device cpu"):
+        lm_heads.main([*lm_argv(tiny_corpus, tmp_path), "--device", "cuda"])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_device_and_jobs_leave_the_grid_and_drop_use_cpu_on_cuda(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.reproduce import lm_heads, runner
+
+    def grid(*options: str) -> tuple[argparse.Namespace, list[runner.Run]]:
+        parser = lm_heads.parser()
+        runner.add_arguments(parser)
+        args = parser.parse_args([*lm_argv(tiny_corpus, tmp_path), *options])
+        return args, lm_heads.build(args)
+
+    cpu_args, cpu = grid()
+    cuda_args, cuda = grid("--device", "cuda", "--jobs", "4")
+    assert [r.result_path(tmp_path) for r in cuda] == [r.result_path(tmp_path) for r in cpu]  # GPU runs fill it
+
+    calls = []
+
+    def recipe(recipe: str, argv: list[str], **kwargs: object) -> float:
+        calls.append(argv)
+        raise InterruptedError  # stop after the training call: only its arguments are checked
+
+    monkeypatch.setattr(runner, "call_recipe", recipe)
+    for args in (cpu_args, cuda_args):
+        with pytest.raises(InterruptedError):
+            runner.execute(cpu[0], args)
+    on_cpu, on_cuda = calls
+    assert "--use_cpu" in on_cpu and [a for a in on_cpu if a != "--use_cpu"] == on_cuda
+
+
+def test_summariser_time_ratios_compare_runs_of_one_device() -> None:
+    from benchmarks.reproduce.summarise import glue_table
+
+    def run(setting: str, seed: int, runtime: float, device: str) -> dict:
+        record = _record("glue", setting, seed, 0.5, runtime)
+        record["machine"] = {"device": device}
+        record["wall_seconds"] = 5 * runtime  # differs from cpu_seconds, so the test sees which one is used
+        return record
+
+    # whole-run time: CPU time (2 × runtime in _record) on the CPU, wall time on the GPU
+    groups = {
+        "rte/softmax": [run("rte/softmax", 0, 11.0, "cpu"), run("rte/softmax", 1, 3.0, "cuda")],
+        "rte/r=0.5": [run("rte/r=0.5", 0, 13.0, "cpu"), run("rte/r=0.5", 1, 4.0, "cuda")],
+        "rte/r=0.25": [run("rte/r=0.25", 0, 2.0, "cuda")],
+        "sst2/softmax": [run("sst2/softmax", 0, 11.0, "cpu")],
+        "sst2/r=0.5": [run("sst2/r=0.5", 0, 2.0, "cuda")],
+    }
+    text = glue_table(groups)
+    assert f"| {13 / 11:.2f}× cpu, {4 / 3:.2f}× cuda | 2 |" in text  # r=0.5: each device against its own softmax
+    assert f"| {2 / 3:.2f}× cuda | 1 |" in text  # r=0.25: the GPU softmax run only
+    assert "| — (cuda vs cpu) | 1 |" in text  # sst2: no softmax run on the GPU to compare with

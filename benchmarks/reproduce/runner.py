@@ -11,16 +11,27 @@ from its last epoch, as the recipes do). The folder of each setting's first seed
 that the recipe saved with ``save_pretrained`` (the model the run was scored with), for the model cards and as a
 starting point; the other seeds' folders are deleted once their JSON is written.
 
+``--jobs N`` runs N runs at once, each in its own recipe subprocesses (``--threads`` threads each), their output in
+``<checkpoint-dir>/<table>/<name>-<hash>.log``; a run that starts from another's checkpoint (``requires``) waits for
+it, a failed run stops neither the others nor the driver (which exits 1 at the end, naming it). ``--device cuda``
+trains on the GPU (the ``--jobs`` runs share it); the hash does not cover the device or ``--jobs``, so GPU runs fill
+the same grid. Before a run starts, the driver claims it: ``<name>-<hash>.claim`` beside its checkpoint folder, created
+exclusively, holding the host and pid; another driver skips a run whose claim's process is alive and takes over one
+whose process is gone, so several drivers (overlapping ``--only``, several machines on one shared folder) can work on
+one grid.
+
 The JSON holds: ``config`` (the hyper-parameters), ``argv`` (the recipe arguments), ``metrics`` (``eval`` and any
 extra evaluation such as ``test``), ``train`` (the recipe's ``train_results.json``), ``steps``, ``wall_seconds``,
 ``cpu_seconds`` (user + system of the recipe processes; with ``resumed`` true they cover only the part after the
 restart, so the time figures skip such runs), ``parameters`` (of the saved model), ``log_history`` (the
-Trainer's: the learning-curve points and the logged ``sparsity/*``), ``machine`` and versions.
+Trainer's: the learning-curve points and the logged ``sparsity/*``), ``machine`` (with ``device``, ``gpu`` on
+``cuda``, and ``jobs``) and versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import fnmatch
 import hashlib
@@ -29,13 +40,14 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +57,18 @@ RESULTS_DIR = REPO / "benchmarks" / "results" / "reproduce"
 CHECKPOINT_DIR = Path("/tmp/reproduce_ckpts")
 #: where the data lives unless ``--data-dir`` / ``$HF_SPARSE_ATTN_DATA`` say otherwise (the tests use the same)
 DATA_ENV = "HF_SPARSE_ATTN_DATA"
-#: recipe options every run gets: CPU, no reporting, no progress bars, an epoch checkpoint to resume from
+#: recipe options every run gets (after :func:`device_options`): no reporting, no progress bars, an epoch checkpoint
+#: to resume from
 COMMON_RECIPE_ARGS = (
-    "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "epoch", "--save_total_limit", "1",
+    "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "epoch", "--save_total_limit", "1",
     "--eval_strategy", "epoch",
 )  # fmt: skip
+DEVICES = ("cpu", "cuda")
+
+
+def device_options(device: str) -> tuple[str, ...]:
+    """``--use_cpu`` on the CPU, nothing on ``cuda`` (the Trainer then takes the GPU, shared by concurrent runs)."""
+    return ("--use_cpu",) if device == "cpu" else ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="call the recipes' main(argv) in this process instead of a subprocess each",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each a recipe subprocess with --threads threads (a 16-core machine: --jobs 16 "
+        "--threads 1); their output goes to <checkpoint-dir>/<table>/<run>-<hash>.log",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the recipes train; cuda: on the GPU, shared by the --jobs runs (the results fill the same grid)",
+    )
 
 
 def select(runs: Sequence[Run], patterns: Sequence[str]) -> list[Run]:
@@ -148,17 +180,22 @@ def select(runs: Sequence[Run], patterns: Sequence[str]) -> list[Run]:
     return [run for run in runs if not patterns or any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
 
 
-def machine(threads: int) -> dict[str, Any]:
-    """The machine and the versions a result was measured with."""
+def machine(threads: int, device: str = "cpu", jobs: int = 1) -> dict[str, Any]:
+    """The machine and the versions a result was measured with; ``device`` is where it trained (``gpu``: the GPU's
+    name on ``cuda``), ``jobs`` how many runs the driver ran at once (they share the cores or the GPU)."""
     import datasets
     import torch
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    gpu = {"gpu": torch.cuda.get_device_name()} if device == "cuda" and torch.cuda.is_available() else {}
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "threads": threads,
+        "device": device,
+        **gpu,
+        "jobs": jobs,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -167,8 +204,11 @@ def machine(threads: int) -> dict[str, Any]:
     }
 
 
-def call_recipe(recipe: str, argv: Sequence[str], *, threads: int, in_process: bool) -> float:
-    """Run ``recipes/<recipe>.py`` with ``argv``; returns the CPU seconds (user + system) it used."""
+def call_recipe(recipe: str, argv: Sequence[str], *, threads: int, in_process: bool, log: Path | None = None) -> float:
+    """Run ``recipes/<recipe>.py`` with ``argv``; returns the CPU seconds (user + system) it used.
+
+    ``log``: append the subprocess's output (stdout and stderr) to this file instead of this process's streams.
+    Raises :class:`subprocess.CalledProcessError` when the recipe exits non-zero."""
     path = REPO / "recipes" / f"{recipe}.py"
     if in_process:
         started = time.process_time()
@@ -179,16 +219,27 @@ def call_recipe(recipe: str, argv: Sequence[str], *, threads: int, in_process: b
             spec.loader.exec_module(sys.modules[name])
         sys.modules[name].main(list(argv))
         return time.process_time() - started
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    subprocess.run([sys.executable, str(path), *argv], check=True, cwd=REPO, env=env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    command = [sys.executable, str(path), *argv]
+    with open(log, "a") if log else contextlib.nullcontext() as out:  # noqa: SIM115 (closed by the with)
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        # this child's own usage (and its waited-for children's): with --jobs other recipes end meanwhile, so the
+        # whole-process RUSAGE_CHILDREN difference would count theirs too
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # e.g. Ctrl-C: stop the recipe too (as subprocess.run does), it holds the run's claim
+            process.kill()
+            process.wait()
+            raise
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen, which must not wait again
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return usage.ru_utime + usage.ru_stime
 
 
 def saved_parameters(folder: Path) -> int:
@@ -202,14 +253,15 @@ def saved_parameters(folder: Path) -> int:
     return total
 
 
-def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (and evaluate) one run; write and return its JSON record."""
+def execute(run: Run, args: argparse.Namespace, log: Path | None = None) -> dict[str, Any]:
+    """Train (and evaluate) one run on ``args.device``; write and return its JSON record. ``log``: where the recipe
+    subprocesses' output goes (see :func:`call_recipe`)."""
     out = run.checkpoint(args.checkpoint_dir)
-    threads, in_process = args.threads, args.in_process
+    threads, in_process, device = args.threads, args.in_process, args.device
     resumed = any(out.glob("checkpoint-*"))  # then the times below cover only the part after the restart
     started, cpu = time.perf_counter(), 0.0
-    argv = [*run.argv, *COMMON_RECIPE_ARGS, "--seed", str(run.seed), "--output_dir", str(out)]
-    cpu += call_recipe(run.recipe, argv, threads=threads, in_process=in_process)
+    argv = [*run.argv, *device_options(device), *COMMON_RECIPE_ARGS, "--seed", str(run.seed), "--output_dir", str(out)]
+    cpu += call_recipe(run.recipe, argv, threads=threads, in_process=in_process, log=log)
     metrics = {"eval": json.loads((out / "eval_results.json").read_text())}
     for key, extra in run.evaluations:
         eval_argv = [
@@ -217,7 +269,7 @@ def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             "--model_name_or_path",
             str(out),
             "--do_eval",
-            "--use_cpu",
+            *device_options(device),
             "--report_to",
             "none",
             "--disable_tqdm",
@@ -225,7 +277,7 @@ def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             "--output_dir",
             str(out / f"eval-{key}"),
         ]
-        cpu += call_recipe(run.recipe, eval_argv, threads=threads, in_process=in_process)
+        cpu += call_recipe(run.recipe, eval_argv, threads=threads, in_process=in_process, log=log)
         metrics[key] = json.loads((out / f"eval-{key}" / "eval_results.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
     record = {
@@ -246,7 +298,7 @@ def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "log_history": state["log_history"],
         "checkpoint": str(out) if run.keep else None,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(threads),
+        "machine": machine(threads, device, args.jobs),
     }
     path = run.result_path(args.results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +316,8 @@ def seconds_per_step(results_dir: Path, table: str) -> dict[str, float]:
     measured: dict[str, list[float]] = {}
     for path in sorted(results_dir.rglob("*.json")) if results_dir.is_dir() else []:
         record = json.loads(path.read_text())
-        if record.get("table") == table and record.get("steps") and not record["resumed"]:
+        on_cpu = record.get("machine", {}).get("device", "cpu") == "cpu"  # a GPU run's CPU time is no estimate
+        if record.get("table") == table and record.get("steps") and not record["resumed"] and on_cpu:
             measured.setdefault(record["setting"], []).append(record["cpu_seconds"] / record["steps"])
     return {setting: statistics.median(values) for setting, values in measured.items()}
 
@@ -298,40 +351,231 @@ def dry_run(runs: Sequence[Run], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def claim_path(run: Run, checkpoint_dir: Path) -> Path:
+    """``<checkpoint-dir>/<table>/<run>-<hash>.claim``, beside the run's checkpoint folder."""
+    folder = run.checkpoint(checkpoint_dir)
+    return folder.with_name(f"{folder.name}.claim")
+
+
+def log_path(run: Run, checkpoint_dir: Path) -> Path:
+    """``<checkpoint-dir>/<table>/<run>-<hash>.log``: the recipes' output of a run started with ``--jobs`` > 1."""
+    folder = run.checkpoint(checkpoint_dir)
+    return folder.with_name(f"{folder.name}.log")
+
+
+def alive(holder: dict[str, Any]) -> bool:
+    """Whether a claim's process may still run; a claim from another host counts as alive (its pid means nothing
+    here: delete the claim file by hand if that driver is gone)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def claim(path: Path) -> dict[str, Any] | None:
+    """Claim a run for this process: create the claim file ``path`` holding ``{"host", "pid"}``, exclusively.
+
+    Returns None when the claim is ours, else the live holder's ``{"host", "pid"}``. The file is written aside and
+    hard-linked into place (the link fails if ``path`` exists), so a reader never sees it half-written. A claim whose
+    process is gone (same host, no such pid: a killed driver) is stale: it is renamed away — of two drivers that
+    found it, only one rename succeeds — and claimed anew."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = path.with_name(f"{path.name}.{me['host']}.{me['pid']}")
+    while True:
+        mine.write_text(json.dumps(me))
+        try:
+            os.link(mine, path)
+            return None
+        except FileExistsError:
+            pass
+        finally:
+            mine.unlink()
+        try:
+            holder = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # released since: try again
+        except json.JSONDecodeError as error:  # the drivers link complete files only: this one is not theirs
+            raise ValueError(f"{path} is not a claim (JSON with host and pid): {error}; delete it") from error
+        if alive(holder):
+            return holder
+        try:
+            os.rename(path, mine)
+        except FileNotFoundError:
+            continue  # another driver took it over first
+        if json.loads(mine.read_text()) != holder:  # a fresh claim made since it was read: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(mine, path)
+            mine.unlink()
+            continue
+        mine.unlink()
+        print(f"taking over {path} (pid {holder['pid']} is gone)", flush=True)
+
+
+def take(run: Run, args: argparse.Namespace) -> Path | None:
+    """Claim ``run`` right before it starts; its claim file, or None (with a printed line) when another live driver
+    holds it or its result has appeared since the grid was read (another driver finished it)."""
+    path = claim_path(run, args.checkpoint_dir)
+    holder = claim(path)
+    if holder is not None:
+        print(f"skip {run.table}/{run.name} (claimed by pid {holder['pid']} on {holder['host']}: {path})", flush=True)
+        return None
+    if run.result_path(args.results_dir).is_file():
+        path.unlink()
+        print(f"skip {run.table}/{run.name} (done)", flush=True)
+        return None
+    return path
+
+
+def missing_origin(run: Run, args: argparse.Namespace) -> str | None:
+    """Why ``run`` cannot start yet: its origin's checkpoint is missing; None when it can (or has no origin)."""
+    origin = run.requires
+    if origin is None or (origin.checkpoint(args.checkpoint_dir) / "config.json").is_file():
+        return None
+    return (
+        f"{run.name} starts from {origin.name}'s checkpoint, which is not in {args.checkpoint_dir}: "
+        f"run it first (--only {origin.name})"
+    )
+
+
+def check_device(device: str) -> None:
+    """Fail at start, not in the first recipe, when ``--device cuda`` has no GPU to use."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device cuda: torch {torch.__version__} sees no GPU here (torch.cuda.is_available() is False: a "
+                "CPU-only torch build, no GPU or no driver); use --device cpu"
+            )
+
+
+def failure(error: BaseException, log: Path) -> str:
+    """A failed run's error and the end of its log, for the driver's output."""
+    if isinstance(error, subprocess.CalledProcessError):
+        what = f"{Path(error.cmd[1]).relative_to(REPO)} exited with status {error.returncode}"
+    else:
+        what = f"{type(error).__name__}: {error}"
+    tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
+    return "\n    ".join([f"{what}; the end of its output ({log}):", *tail])
+
+
+def run_concurrently(
+    runs: Sequence[Run], args: argparse.Namespace, prepare: Callable[[argparse.Namespace], None] | None
+) -> int:
+    """Run ``runs`` not finished yet, up to ``args.jobs`` at once, each in its own recipe subprocesses with its
+    output in :func:`log_path`; returns the exit status (1 if any run failed or could not start).
+
+    Runs start in grid order as slots free up; a run with ``requires`` waits until its origin (when part of
+    ``runs``) has finished, and is not run when the origin failed. A failed run does not stop the others."""
+    waiting = []
+    for run in runs:
+        if run.result_path(args.results_dir).is_file():
+            print(f"skip {run.table}/{run.name} (done)", flush=True)
+        else:
+            waiting.append(run)
+    prepared = prepare is None
+    failed: dict[str, str] = {}  # run name -> "failed" or "not run"
+    active: dict[Future, tuple[Run, Path]] = {}  # running -> (run, its claim file)
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            while waiting or active:
+                busy = {run.name for run in waiting} | {run.name for run, _ in active.values()}
+                for run in list(waiting):
+                    if len(active) == args.jobs:
+                        break
+                    origin = run.requires
+                    if origin is not None and origin.name in busy:
+                        continue  # starts once its origin has finished
+                    waiting.remove(run)
+                    problem = missing_origin(run, args)
+                    if origin is not None and origin.name in failed:
+                        problem = f"its origin {origin.name} did not finish"
+                    if problem is not None:
+                        failed[run.name] = "not run"
+                        print(f"not run {run.table}/{run.name}: {problem}", flush=True)
+                    elif (claimed := take(run, args)) is not None:
+                        if not prepared:
+                            prepare(args)
+                            prepared = True
+                        log = log_path(run, args.checkpoint_dir)
+                        print(f"run {run.table}/{run.name} (output: {log})", flush=True)
+                        active[pool.submit(execute, run, args, log)] = (run, claimed)
+                finished, _ = wait(active, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    run, claimed = active.pop(future)
+                    claimed.unlink(missing_ok=True)
+                    if future.exception() is None:
+                        print(f"done {run.table}/{run.name}: {json.dumps(future.result()['metrics'])}", flush=True)
+                        continue
+                    failed[run.name] = "failed"
+                    message = failure(future.exception(), log_path(run, args.checkpoint_dir))
+                    print(f"FAILED {run.table}/{run.name}: {message}", flush=True)
+    finally:  # after the pool has waited for the running recipes
+        for _, claimed in active.values():
+            claimed.unlink(missing_ok=True)
+    if failed:
+        listed = ", ".join(f"{name} ({why})" for name, why in failed.items())
+        print(f"{len(failed)} of {len(runs)} runs did not finish: {listed}", flush=True)
+        return 1
+    return 0
+
+
 def main(
     build: Callable[[argparse.Namespace], list[Run]],
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
     prepare: Callable[[argparse.Namespace], None] | None = None,
 ) -> int:
-    """Parse the options, build the grid, and list it (``--dry-run``) or run every run not finished yet, in grid
-    order; ``prepare`` (e.g. building a tokenizer) runs once before the first run that trains."""
+    """Parse the options, build the grid, and list it (``--dry-run``) or run every run not finished yet: one at a time
+    in grid order (``--jobs 1``: the first failure stops the driver) or ``--jobs`` at once
+    (:func:`run_concurrently`); ``prepare`` (e.g. building a tokenizer) runs once before the first run that trains.
+    Each run is claimed (:func:`claim`) right before it starts, so drivers sharing a folder never train the same
+    run twice; a run another live driver holds is skipped."""
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
+    if args.jobs > 1 and args.in_process:
+        raise ValueError(
+            f"--jobs {args.jobs} with --in-process: concurrent runs need a recipe subprocess each; drop --in-process "
+            "or use --jobs 1"
+        )
+    check_device(args.device)
     runs = select(build(args), args.only)
     if not runs:
         raise ValueError(f"--only {args.only}: no run of the grid matches")
     if args.dry_run:
         print(dry_run(runs, args))
         return 0
+    if args.jobs > 1:
+        return run_concurrently(runs, args, prepare)
     finished = {run.name for run in runs if run.result_path(args.results_dir).is_file()}
     prepared = False
     for run in runs:
         if run.name in finished:
             print(f"skip {run.table}/{run.name} (done)", flush=True)
             continue
-        origin = run.requires
-        if origin is not None and not (origin.checkpoint(args.checkpoint_dir) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{run.name} starts from {origin.name}'s checkpoint, which is not in {args.checkpoint_dir}: "
-                f"run it first (--only {origin.name})"
-            )
-        if prepare is not None and not prepared:
-            prepare(args)
-            prepared = True
-        print(f"run {run.table}/{run.name}", flush=True)
-        record = execute(run, args)
-        print(f"done {run.table}/{run.name}: {json.dumps(record['metrics'])}", flush=True)
+        problem = missing_origin(run, args)
+        if problem is not None:
+            raise FileNotFoundError(problem)
+        claimed = take(run, args)
+        if claimed is None:
+            continue
+        try:
+            if prepare is not None and not prepared:
+                prepare(args)
+                prepared = True
+            print(f"run {run.table}/{run.name}", flush=True)
+            record = execute(run, args)
+            print(f"done {run.table}/{run.name}: {json.dumps(record['metrics'])}", flush=True)
+        finally:
+            claimed.unlink(missing_ok=True)
     return 0

@@ -59,24 +59,12 @@ def mean_sd(values: Sequence[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def seconds_per_step(runs: Iterable[Record]) -> float | None:
-    """Mean training wall time per optimizer step: the Trainer's ``train_runtime`` less the evaluations it ran
-    during training (``eval_runtime`` of each logged evaluation), over the steps. Resumed runs, whose times cover
-    only the part after the restart, are left out; None when no run is left."""
-
-    def training_seconds(run: Record) -> float:
-        evaluations = sum(entry.get("eval_runtime", 0.0) for entry in run["log_history"])
-        return run["train"]["train_runtime"] - evaluations
-
-    timed = [training_seconds(run) / run["steps"] for run in runs if not run["resumed"]]
-    return statistics.mean(timed) if timed else None
-
-
-def cpu_seconds(runs: Iterable[Record]) -> float | None:
-    """Mean CPU time (user + system of the recipe processes, start-up and evaluation included) per run; resumed runs,
-    which cover only the part after the restart, are left out. Unlike wall time it does not count waiting for the
-    CPU, so it compares runs made on a machine shared with other jobs (where wall time does not)."""
-    timed = [run["cpu_seconds"] for run in runs if not run["resumed"]]
+def run_seconds(runs: Iterable[Record]) -> float | None:
+    """Mean time of the whole runs (start-up and evaluation included), resumed runs left out (their times cover only
+    the part after the restart). On the CPU it is CPU time (user + system of the recipe processes), which, unlike wall
+    time, does not count waiting for a CPU shared with other jobs; on a GPU it is wall time (the process's CPU time
+    there is the host's). Pass runs of one device (:func:`time_ratio` does)."""
+    timed = [run["cpu_seconds" if device(run) == "cpu" else "wall_seconds"] for run in runs if not run["resumed"]]
     return statistics.mean(timed) if timed else None
 
 
@@ -96,11 +84,33 @@ def ratio(value: float | None, reference: float | None) -> str:
     return "—" if value is None or reference is None else f"{value / reference:.2f}×"
 
 
+def device(run: Record) -> str:
+    """Where a run trained, ``cpu`` or ``cuda`` (runs recorded before the runner noted it trained on the CPU)."""
+    return run.get("machine", {}).get("device", "cpu")
+
+
+def time_ratio(runs: Sequence[Record], reference: Sequence[Record] | None) -> str:
+    """``run_seconds(runs) / run_seconds(reference)`` over runs of one device, as CPU and GPU times do not compare:
+    all on the CPU, the plain ratio; otherwise one labelled ratio per device both groups have
+    (``1.10× cpu, 0.95× cuda``), or ``—`` naming the devices when they have none in common."""
+    if not reference:
+        return "—"
+    mine, theirs = {device(r) for r in runs}, {device(r) for r in reference}
+    if mine | theirs == {"cpu"}:
+        return ratio(run_seconds(runs), run_seconds(reference))
+    if not mine & theirs:
+        return f"— ({'+'.join(sorted(mine))} vs {'+'.join(sorted(theirs))})"
+
+    def on(group: Sequence[Record], name: str) -> float | None:
+        return run_seconds([r for r in group if device(r) == name])
+
+    return ", ".join(f"{ratio(on(runs, d), on(reference, d))} {d}" for d in sorted(mine & theirs))
+
+
 def glue_table(groups: dict[str, list[Record]]) -> str:
     rows = []
     for task in glue.TASKS:
         softmax = groups.get(f"{task}/softmax")
-        reference = seconds_per_step(softmax) if softmax else None
         for name, _, _ in glue.SETTINGS:
             runs = groups.get(f"{task}/{name}")
             if not runs:
@@ -114,7 +124,7 @@ def glue_table(groups: dict[str, list[Record]]) -> str:
                     metric.removeprefix("eval_"),
                     mean_sd([r["metrics"]["eval"][metric] for r in runs], 4),
                     f"{statistics.mean(sparsity):.3f}" if sparsity else "— (not logged)",
-                    ratio(seconds_per_step(runs), reference),
+                    time_ratio(runs, softmax),
                     str(len(runs)),
                 ]
             )
@@ -124,7 +134,7 @@ def glue_table(groups: dict[str, list[Record]]) -> str:
         "metric (dev)",
         "mean ± sd",
         "measured sparsity",
-        "train time / step vs softmax",
+        "CPU time vs softmax",
         "seeds",
     ]
     return table(header, rows) if rows else "_No finished run yet._"
@@ -132,7 +142,6 @@ def glue_table(groups: dict[str, list[Record]]) -> str:
 
 def lm_rows(groups: dict[str, list[Record]], prefix: str) -> list[list[str]]:
     softmax = groups.get(f"{prefix}/softmax")
-    reference = seconds_per_step(softmax) if softmax else None
     base_params = softmax[0]["parameters"] if softmax else None
     rows = []
     for head in lm_heads.HEADS:
@@ -147,7 +156,7 @@ def lm_rows(groups: dict[str, list[Record]], prefix: str) -> list[list[str]]:
                 mean_sd([r["metrics"]["eval"]["eval_perplexity"] for r in runs], 2),
                 mean_sd([r["metrics"]["test"]["eval_perplexity"] for r in runs], 2),
                 added,
-                ratio(seconds_per_step(runs), reference),
+                time_ratio(runs, softmax),
                 str(len(runs)),
             ]
         )
@@ -156,13 +165,13 @@ def lm_rows(groups: dict[str, list[Record]], prefix: str) -> list[list[str]]:
 
 def lm_table(groups: dict[str, list[Record]]) -> str:
     rows = [row for corpus in lm_heads.CORPORA for row in lm_rows(groups, corpus)]
-    header = ["corpus", "head", "valid ppl", "test ppl", "parameters vs softmax", "time / step vs softmax", "seeds"]
+    header = ["corpus", "head", "valid ppl", "test ppl", "parameters vs softmax", "CPU time vs softmax", "seeds"]
     return table(header, rows) if rows else "_No finished run yet._"
 
 
 def finetune_table(groups: dict[str, list[Record]]) -> str:
     rows = lm_rows(groups, "ptb-finetune")
-    header = ["start", "head", "valid ppl", "test ppl", "parameters vs softmax", "time / step vs softmax", "seeds"]
+    header = ["start", "head", "valid ppl", "test ppl", "parameters vs softmax", "CPU time vs softmax", "seeds"]
     return table(header, rows) if rows else "_No finished run yet._"
 
 
@@ -185,7 +194,7 @@ def calibration_table(
 
     The calibration columns come from the map file (measured on the calibration examples before fine-tuning); the
     paired difference is calibrated minus uniform over the seeds both have finished; the time is the runs' CPU time
-    (:func:`cpu_seconds`), as the two methods' runs were made in different sessions on a shared machine."""
+    (:func:`run_seconds`), as the two methods' runs were made in different sessions on a shared machine."""
     rows = []
     for task in glue.TASKS:
         calibrated = groups.get(f"{task}/calibrated")
@@ -197,7 +206,6 @@ def calibration_table(
         score = {method: {r["seed"]: r["metrics"]["eval"][metric] for r in runs}
                  for method, runs in (("uniform", uniform), ("calibrated", calibrated))}  # fmt: skip
         paired = sorted(set(score["uniform"]) & set(score["calibrated"]))
-        reference = cpu_seconds(uniform) if uniform else None
         for method, runs in (("uniform", uniform), ("calibrated", calibrated)):
             if not runs:
                 continue
@@ -217,7 +225,7 @@ def calibration_table(
                     metric.removeprefix("eval_"),
                     mean_sd(list(score[method].values()), 4),
                     difference,
-                    ratio(cpu_seconds(runs), reference),
+                    time_ratio(runs, uniform),
                     str(len(runs)),
                 ]
             )
