@@ -3,7 +3,7 @@
 The packing test replaces ``python3``, ``nvidia-smi`` (and so pip and the drivers) by stubs on ``PATH``: a stub
 driver records its arguments and writes one new result JSON. Checked: the driver gets ``--device cuda``, the jobs,
 the data folder and the scratch folders; only the JSON files that were not in the repository's results are packed;
-the drivers' logs are packed apart.
+a JSON an earlier call on the same machine left behind is packed again; the drivers' logs are packed apart.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ exit 0
 """,
     )
     write_stub(stubs, "nvidia-smi", "echo stub GPU\n")
+    # an earlier call on this (still warm) machine finished a run whose pack never came back: not in the repository
+    earlier = work / "results" / "lm_heads" / "earlier-run-seed0-89abcdef.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STAGE": str(tmp_path / "stage")}
     done = grid(str(out), "--tables", "lm_heads", "--jobs", "5", "--data", str(data), "--work", str(work), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -89,7 +93,8 @@ exit 0
     assert args[args.index("--data-dir") + 1] == str(data)
     assert args[args.index("--checkpoint-dir") + 1] == str(work / "checkpoints")
     with tarfile.open(out / "results.tar.gz") as packed:
-        assert packed.getnames() == ["lm_heads/new-run-seed0-0123abcd.json"]  # the repository's results stay out
+        names = sorted(packed.getnames())  # the repository's results stay out, the earlier call's comes back
+    assert names == ["lm_heads/earlier-run-seed0-89abcdef.json", "lm_heads/new-run-seed0-0123abcd.json"]
     with tarfile.open(out / "logs.tar.gz") as packed:
         log = packed.extractfile("logs/lm_heads.driver.log").read().decode()
     assert "done lm_heads/new-run-seed0" in log

@@ -142,6 +142,8 @@ def test_lm_grid_defaults_give_each_corpus_its_epochs(tmp_path: Path) -> None:
     assert (ptb.steps, wt2.steps) == (6 * steps_per_epoch["ptb"], 2 * steps_per_epoch["wt2"])
     assert "wt2-mos-seed1" not in runs  # WikiText-2: the first seed only
     assert {run.config["epochs"] for name, run in grid("--epochs", "3").items() if "finetune" not in name} == {3.0}
+    with pytest.raises(ValueError, match=r"--epochs must be > 0 \(or left out: PTB 6, WikiText-2 2\); got 0.0"):
+        grid("--epochs", "0")  # not the default: 0 is no number of epochs
 
 
 def test_lm_driver_and_summariser(tiny_corpus: Path, tmp_path: Path) -> None:
@@ -407,6 +409,21 @@ def test_a_run_claimed_by_a_live_driver_is_skipped(
     assert not (tmp_path / "ckpt" / "lm_heads" / "tokenizer-ptb").exists()  # nothing started, nothing prepared
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_prepare_releases_the_claim_of_the_run_it_was_for(
+    tiny_corpus: Path, tmp_path: Path, jobs: int
+) -> None:
+    from benchmarks.reproduce import lm_heads, runner
+
+    def prepare(args: argparse.Namespace) -> None:
+        raise RuntimeError("the tokenizer could not be built")
+
+    with pytest.raises(RuntimeError, match="the tokenizer could not be built"):
+        runner.main(lm_grid(), lm_heads.parser(), jobs_argv(tiny_corpus, tmp_path, jobs), prepare=prepare)
+    folder = tmp_path / "ckpt" / "lm_heads"
+    assert folder.is_dir() and not list(folder.glob("*.claim*"))  # the first run was claimed, then released
+
+
 def test_claim_is_exclusive_and_takes_over_a_dead_drivers_claim(tmp_path: Path) -> None:
     import os
     import socket
@@ -453,6 +470,7 @@ def test_device_cuda_without_a_gpu_is_an_error_at_start(tiny_corpus: Path, tmp_p
     with pytest.raises(ValueError, match=r"--device cuda: torch .* sees no GPU here .* use --device cpu"):
         lm_heads.main([*lm_argv(tiny_corpus, tmp_path), "--device", "cuda"])
     assert not (tmp_path / "ckpt").exists()
+    assert lm_heads.main([*lm_argv(tiny_corpus, tmp_path), "--device", "cuda", "--dry-run"]) == 0  # trains nothing
 
 
 def test_device_and_jobs_leave_the_grid_and_drop_use_cpu_on_cuda(
@@ -487,21 +505,25 @@ def test_device_and_jobs_leave_the_grid_and_drop_use_cpu_on_cuda(
 def test_summariser_time_ratios_compare_runs_of_one_device() -> None:
     from benchmarks.reproduce.summarise import glue_table
 
-    def run(setting: str, seed: int, runtime: float, device: str) -> dict:
+    def run(setting: str, seed: int, runtime: float, device: str, jobs: int = 1) -> dict:
         record = _record("glue", setting, seed, 0.5, runtime)
-        record["machine"] = {"device": device}
+        record["machine"] = {"device": device, "jobs": jobs}
         record["wall_seconds"] = 5 * runtime  # differs from cpu_seconds, so the test sees which one is used
         return record
 
     # whole-run time: CPU time (2 × runtime in _record) on the CPU, wall time on the GPU
     groups = {
         "rte/softmax": [run("rte/softmax", 0, 11.0, "cpu"), run("rte/softmax", 1, 3.0, "cuda")],
-        "rte/r=0.5": [run("rte/r=0.5", 0, 13.0, "cpu"), run("rte/r=0.5", 1, 4.0, "cuda")],
+        "rte/r=0.5": [
+            run("rte/r=0.5", 0, 13.0, "cpu"),
+            run("rte/r=0.5", 1, 4.0, "cuda"),
+            run("rte/r=0.5", 2, 40.0, "cuda", jobs=4),
+        ],  # shared the GPU: its wall time is left out
         "rte/r=0.25": [run("rte/r=0.25", 0, 2.0, "cuda")],
         "sst2/softmax": [run("sst2/softmax", 0, 11.0, "cpu")],
         "sst2/r=0.5": [run("sst2/r=0.5", 0, 2.0, "cuda")],
     }
     text = glue_table(groups)
-    assert f"| {13 / 11:.2f}× cpu, {4 / 3:.2f}× cuda | 2 |" in text  # r=0.5: each device against its own softmax
+    assert f"| {13 / 11:.2f}× cpu, {4 / 3:.2f}× cuda | 3 |" in text  # r=0.5: each device against its own softmax
     assert f"| {2 / 3:.2f}× cuda | 1 |" in text  # r=0.25: the GPU softmax run only
     assert "| — (cuda vs cpu) | 1 |" in text  # sst2: no softmax run on the GPU to compare with

@@ -19,8 +19,9 @@
 # What it does: installs the carried wheels offline (.device/wheels), prints versions and nvidia-smi, copies the
 # repository's finished result JSON files into --work (so finished runs are skipped) and the carried origin
 # checkpoints (.device/checkpoints), runs each table's driver with --device cuda under `timeout`, and writes into
-# OUT_DIR: results.tar.gz (only the JSON files that are new, paths relative to benchmarks/results/reproduce/),
-# logs.tar.gz (the drivers' output and the last 200 lines of every run's log) and grid.log (this script's output).
+# OUT_DIR: results.tar.gz (only the JSON files the repository's results lack, paths relative to
+# benchmarks/results/reproduce/), logs.tar.gz (the drivers' output and the last 200 lines of every run's log) and
+# grid.log (this script's output).
 # A run cut off by the budget leaves no JSON; the drivers resume the rest on the next machine.
 #
 # MiniLM (table 1 only): the glue driver fine-tunes the packaged all-MiniLM-L6-v2, whose weights (87 MiB) do not fit
@@ -134,7 +135,9 @@ for table in ${TABLES//,/ }; do
   fi
 done
 [[ -d $CARRY/checkpoints ]] && run cp -a "$CARRY/checkpoints/." "$CKPTS/"
-((DRY)) || (cd "$RESULTS" && find . -name '*.json' | sort >"$WORK/before.txt")
+# "new" means not in the repository's results: a JSON an earlier call on this machine left in $RESULTS (whose pack
+# never came back, e.g. that call ran past the machine's time limit) is packed again
+((DRY)) || (cd "$REPO/benchmarks/results/reproduce" 2>/dev/null && find . -name '*.json' | sort) >"$WORK/before.txt"
 
 # 3. MiniLM for table 1: the carried parts (this call's and a staging call's), or a copy with the right hash
 minilm_ready() {

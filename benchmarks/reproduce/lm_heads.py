@@ -74,6 +74,8 @@ def data_file(args: argparse.Namespace, corpus: str, split: str) -> str:
 def build(args: argparse.Namespace) -> list[Run]:
     """The grid, in the order it runs: per corpus softmax first (the reference of the ratios), then the
     fine-tuning row, which starts from PTB softmax seed 0."""
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be > 0 (or left out: PTB 6, WikiText-2 2); got {args.epochs}")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     heads = args.heads.split(",")
     for head in heads:
@@ -143,7 +145,7 @@ def build(args: argparse.Namespace) -> list[Run]:
         if corpus not in CORPORA:
             raise ValueError(f"--corpora: unknown corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
         corpus_seeds = seeds if CORPORA[corpus][2] else seeds[:1]
-        epochs = args.epochs or CORPORA[corpus][3]
+        epochs = args.epochs if args.epochs is not None else CORPORA[corpus][3]
         config = {**shared, "corpus": corpus, "epochs": epochs, "learning_rate": args.learning_rate}
         base = [
             "--model_type",

@@ -501,7 +501,11 @@ def run_concurrently(
                         print(f"not run {run.table}/{run.name}: {problem}", flush=True)
                     elif (claimed := take(run, args)) is not None:
                         if not prepared:
-                            prepare(args)
+                            try:
+                                prepare(args)
+                            except BaseException:
+                                claimed.unlink(missing_ok=True)  # not started, not in active: release it here
+                                raise
                             prepared = True
                         log = log_path(run, args.checkpoint_dir)
                         print(f"run {run.table}/{run.name} (output: {log})", flush=True)
@@ -548,13 +552,13 @@ def main(
             f"--jobs {args.jobs} with --in-process: concurrent runs need a recipe subprocess each; drop --in-process "
             "or use --jobs 1"
         )
-    check_device(args.device)
     runs = select(build(args), args.only)
     if not runs:
         raise ValueError(f"--only {args.only}: no run of the grid matches")
-    if args.dry_run:
+    if args.dry_run:  # trains nothing, so it needs no GPU
         print(dry_run(runs, args))
         return 0
+    check_device(args.device)
     if args.jobs > 1:
         return run_concurrently(runs, args, prepare)
     finished = {run.name for run in runs if run.result_path(args.results_dir).is_file()}

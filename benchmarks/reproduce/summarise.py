@@ -63,8 +63,17 @@ def run_seconds(runs: Iterable[Record]) -> float | None:
     """Mean time of the whole runs (start-up and evaluation included), resumed runs left out (their times cover only
     the part after the restart). On the CPU it is CPU time (user + system of the recipe processes), which, unlike wall
     time, does not count waiting for a CPU shared with other jobs; on a GPU it is wall time (the process's CPU time
-    there is the host's). Pass runs of one device (:func:`time_ratio` does)."""
-    timed = [run["cpu_seconds" if device(run) == "cpu" else "wall_seconds"] for run in runs if not run["resumed"]]
+    there is the host's), counted only for runs that had the GPU to themselves (``machine.jobs`` 1): with several
+    runs sharing it, wall time measures who ran alongside. Pass runs of one device (:func:`time_ratio` does)."""
+
+    def timed_alone(run: Record) -> bool:
+        return device(run) == "cpu" or run["machine"].get("jobs", 1) == 1
+
+    timed = [
+        run["cpu_seconds" if device(run) == "cpu" else "wall_seconds"]
+        for run in runs
+        if not run["resumed"] and timed_alone(run)
+    ]
     return statistics.mean(timed) if timed else None
 
 
