@@ -440,9 +440,10 @@ def test_claim_is_exclusive_and_takes_over_a_dead_drivers_claim(tmp_path: Path) 
     path.write_text(json.dumps(elsewhere))
     assert claim(path) == elsewhere
     assert [p.name for p in tmp_path.iterdir()] == ["run.claim"]
-    path.write_text("")
-    with pytest.raises(ValueError, match="run.claim is not a claim"):
-        claim(path)
+    for broken in ("", json.dumps({"host": me["host"]}), json.dumps([me["host"], me["pid"]])):  # no pid to check
+        path.write_text(broken)
+        with pytest.raises(ValueError, match="run.claim is not a claim"):
+            claim(path)
 
 
 @pytest.mark.parametrize(

@@ -27,15 +27,24 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from benchmarks.reproduce.runner import Run, call_recipe
 from benchmarks.reproduce.runner import main as run_grid
 
 TABLE = "lm_heads"
-#: corpus -> (folder, file name pattern with {split}, all seeds (True) or the first, default training epochs)
+
+
+class Corpus(NamedTuple):
+    folder: str  #: under the data folder
+    pattern: str  #: file name, with ``{split}``
+    all_seeds: bool  #: every seed of ``--seeds``, or only the first
+    epochs: float  #: default training epochs
+
+
 CORPORA = {
-    "ptb": ("ptb", "ptb.{split}.txt.gz", True, 6.0),
-    "wt2": ("wikitext-2", "wiki.{split}.tokens.gz", False, 2.0),
+    "ptb": Corpus("ptb", "ptb.{split}.txt.gz", all_seeds=True, epochs=6.0),
+    "wt2": Corpus("wikitext-2", "wiki.{split}.tokens.gz", all_seeds=False, epochs=2.0),
 }
 #: corpus -> training tokens incl. one <eos> per line (data MANIFEST), for the step count of the estimate
 TRAIN_TOKENS = {"ptb": 929_589, "wt2": 2_088_628}
@@ -67,8 +76,7 @@ def tokenizer_dir(args: argparse.Namespace, corpus: str):
 
 
 def data_file(args: argparse.Namespace, corpus: str, split: str) -> str:
-    folder, pattern, _, _ = CORPORA[corpus]
-    return str(args.data_dir / folder / pattern.format(split=split))
+    return str(args.data_dir / CORPORA[corpus].folder / CORPORA[corpus].pattern.format(split=split))
 
 
 def build(args: argparse.Namespace) -> list[Run]:
@@ -144,8 +152,8 @@ def build(args: argparse.Namespace) -> list[Run]:
     for corpus in args.corpora.split(","):
         if corpus not in CORPORA:
             raise ValueError(f"--corpora: unknown corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
-        corpus_seeds = seeds if CORPORA[corpus][2] else seeds[:1]
-        epochs = args.epochs if args.epochs is not None else CORPORA[corpus][3]
+        corpus_seeds = seeds if CORPORA[corpus].all_seeds else seeds[:1]
+        epochs = args.epochs if args.epochs is not None else CORPORA[corpus].epochs
         config = {**shared, "corpus": corpus, "epochs": epochs, "learning_rate": args.learning_rate}
         base = [
             "--model_type",

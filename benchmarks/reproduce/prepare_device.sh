@@ -58,13 +58,15 @@ grep -qxF '/.device/' "$REPO/.git/info/exclude" 2>/dev/null || echo '/.device/' 
 transformers_version=$(python3 -c 'import transformers; print(transformers.__version__)')
 datasets_version=$(python3 -c 'import datasets; print(datasets.__version__)')
 evaluate_version=$(python3 -c 'import evaluate; print(evaluate.__version__)')
-rm -rf "$CARRY/wheels"
+rm -rf "$CARRY/wheels.new"  # downloaded aside: a failed download keeps the wheels prepared before
 for requirement in "transformers==$transformers_version" "datasets==$datasets_version" "evaluate==$evaluate_version" \
   dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 regex==2026.5.9 datasets==4.8.5 fsspec==2026.2.0; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$CARRY/wheels" "$requirement"
+    -d "$CARRY/wheels.new" "$requirement"
 done
+rm -rf "$CARRY/wheels"
+mv "$CARRY/wheels.new" "$CARRY/wheels"
 echo "$transformers_version" >"$CARRY/TRANSFORMERS_VERSION"
 git rev-parse HEAD >"$CARRY/COMMIT"
 

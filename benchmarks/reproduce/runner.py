@@ -310,13 +310,19 @@ def execute(run: Run, args: argparse.Namespace, log: Path | None = None) -> dict
     return record
 
 
+def trained_on(record: dict[str, Any]) -> str:
+    """Where a recorded run trained, ``cpu`` or ``cuda`` (runs recorded before the runner noted it trained on the
+    CPU)."""
+    return record.get("machine", {}).get("device", "cpu")
+
+
 def seconds_per_step(results_dir: Path, table: str) -> dict[str, float]:
     """Median CPU seconds per optimizer step of the finished runs of ``table`` anywhere under ``results_dir`` (the
     table's folder and shortened sizing runs in ``sizing/<table>``), by setting."""
     measured: dict[str, list[float]] = {}
     for path in sorted(results_dir.rglob("*.json")) if results_dir.is_dir() else []:
         record = json.loads(path.read_text())
-        on_cpu = record.get("machine", {}).get("device", "cpu") == "cpu"  # a GPU run's CPU time is no estimate
+        on_cpu = trained_on(record) == "cpu"  # a GPU run's CPU time is no estimate
         if record.get("table") == table and record.get("steps") and not record["resumed"] and on_cpu:
             measured.setdefault(record["setting"], []).append(record["cpu_seconds"] / record["steps"])
     return {setting: statistics.median(values) for setting, values in measured.items()}
@@ -402,6 +408,8 @@ def claim(path: Path) -> dict[str, Any] | None:
             continue  # released since: try again
         except json.JSONDecodeError as error:  # the drivers link complete files only: this one is not theirs
             raise ValueError(f"{path} is not a claim (JSON with host and pid): {error}; delete it") from error
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int) or "host" not in holder:
+            raise ValueError(f"{path} is not a claim (JSON with host and pid): {holder!r}; delete it")
         if alive(holder):
             return holder
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reproduce import calibration, glue, lm_heads
-from benchmarks.reproduce.runner import REPO, RESULTS_DIR
+from benchmarks.reproduce.runner import REPO, RESULTS_DIR, trained_on
 
 GLUE_PLOT = "reproduce_glue_metric_vs_r.png"
 #: Hub ids of the data the cards' results were measured on (the runs read the same files locally)
@@ -67,10 +67,10 @@ def run_seconds(runs: Iterable[Record]) -> float | None:
     runs sharing it, wall time measures who ran alongside. Pass runs of one device (:func:`time_ratio` does)."""
 
     def timed_alone(run: Record) -> bool:
-        return device(run) == "cpu" or run["machine"].get("jobs", 1) == 1
+        return trained_on(run) == "cpu" or run.get("machine", {}).get("jobs", 1) == 1
 
     timed = [
-        run["cpu_seconds" if device(run) == "cpu" else "wall_seconds"]
+        run["cpu_seconds" if trained_on(run) == "cpu" else "wall_seconds"]
         for run in runs
         if not run["resumed"] and timed_alone(run)
     ]
@@ -93,25 +93,20 @@ def ratio(value: float | None, reference: float | None) -> str:
     return "—" if value is None or reference is None else f"{value / reference:.2f}×"
 
 
-def device(run: Record) -> str:
-    """Where a run trained, ``cpu`` or ``cuda`` (runs recorded before the runner noted it trained on the CPU)."""
-    return run.get("machine", {}).get("device", "cpu")
-
-
 def time_ratio(runs: Sequence[Record], reference: Sequence[Record] | None) -> str:
     """``run_seconds(runs) / run_seconds(reference)`` over runs of one device, as CPU and GPU times do not compare:
     all on the CPU, the plain ratio; otherwise one labelled ratio per device both groups have
     (``1.10× cpu, 0.95× cuda``), or ``—`` naming the devices when they have none in common."""
     if not reference:
         return "—"
-    mine, theirs = {device(r) for r in runs}, {device(r) for r in reference}
+    mine, theirs = {trained_on(r) for r in runs}, {trained_on(r) for r in reference}
     if mine | theirs == {"cpu"}:
         return ratio(run_seconds(runs), run_seconds(reference))
     if not mine & theirs:
         return f"— ({'+'.join(sorted(mine))} vs {'+'.join(sorted(theirs))})"
 
     def on(group: Sequence[Record], name: str) -> float | None:
-        return run_seconds([r for r in group if device(r) == name])
+        return run_seconds([r for r in group if trained_on(r) == name])
 
     return ", ".join(f"{ratio(on(runs, d), on(reference, d))} {d}" for d in sorted(mine & theirs))
 
